@@ -1,0 +1,186 @@
+"""The embedded shapes run: the paper's stages, scaled down to finish on a 2-core CPU.
+
+``--config=configs/shapes.py:STAGE[,SIZE]`` with STAGE one of
+  vae      VAE (f=8, 8 latent channels) on 64x64 shapes images
+  lowres   diffusion pretraining at 32x32 (latent 4x4): the paper's 256px stage, scaled down
+  highres  diffusion at 64x64 (latent 8x8), initialised from lowres: the paper's 512px stage
+and SIZE one of
+  full     the quickstart (default)
+  smoke    the same chain, far fewer steps (CI)
+  tiny     smallest models, a handful of steps (unit tests)
+The models keep the MobileDiffusion structure (Table 6 block pattern, SPConv at the innermost
+level, CA-only transformers at level 2, SA+CA innermost); only widths, depths and steps shrink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from md_jax import config_base
+
+_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "md_jax", "assets", "shapes_tokenizer")
+
+
+def _vocab_size() -> int:
+  try:
+    with open(os.path.join(_TOKENIZER_DIR, "vocab.json")) as f:
+      return len(json.load(f))
+  except OSError:
+    return 512
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  parts = [p for p in (arg or "highres").replace(":", ",").split(",") if p]
+  stage = parts[0]
+  size = parts[1] if len(parts) > 1 else "full"
+  if stage not in ("vae", "lowres", "highres"):
+    raise ValueError(f"configs/shapes.py:{arg}: stage must be vae|lowres|highres, got {stage!r}")
+  if size not in ("full", "smoke", "tiny"):
+    raise ValueError(f"configs/shapes.py:{arg}: size must be full|smoke|tiny, got {size!r}")
+
+  c = config_base.base_config()
+  c.stage = stage
+  c.size = size
+  c.trainer = "vae" if stage == "vae" else "diffusion"
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="shapes",
+      image_size=32 if stage == "lowres" else 64,
+      seed=0,
+      num_records=1_000_000,
+      caption_dropout=0.1,  # empty-prompt rows train the unconditional branch for CFG
+      max_length=16,  # captions are <= ~12 words; CLIP's 77 would only add padding
+  ))
+
+  # CLIP-architecture causal text transformer over the tiny shapes vocabulary. Frozen at its
+  # seeded random init, as the paper freezes CLIP: distinct words still give distinct, position-
+  # aware features the UNet's cross-attention learns to read, and freezing keeps embeddings
+  # cacheable exactly as with the real encoder.
+  c.text = ml_collections.ConfigDict(dict(
+      tokenizer_dir=_TOKENIZER_DIR,
+      vocab_size=_vocab_size(),
+      hidden_size=64,
+      intermediate_size=256,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=16,
+      layer_norm_eps=1e-5,
+      eos_token_id=-1,  # -1: read from the tokenizer
+      hidden_act="quick_gelu",
+      frozen=True,
+      seed=1234,
+  ))
+
+  c.vae = ml_collections.ConfigDict(dict(
+      channels=(32, 64, 96, 96),  # 4 levels: f = 2**3 = 8, as the paper's VAE
+      num_res_blocks=1,
+      latent_channels=8,  # paper sec. 3.5: c=8
+      norm_groups=8,
+      mid_attention=False,
+      decoder_channels=None,
+      decoder_res_blocks=None,
+      kl_weight=1e-6,
+      stats_batches=8,  # batches used for the per-channel latent shift/scale after training
+  ))
+
+  c.unet = ml_collections.ConfigDict(dict(
+      in_channels=8,
+      out_channels=8,
+      context_dim=64,
+      channels=(64, 128, 192),
+      down_blocks=(1, 1, 2),
+      up_blocks=(2, 2, 3),
+      down_conv=("full", "full", "sep"),
+      up_conv=("full", "full", "sep"),
+      down_depth=(0, 1, 1),
+      up_depth=(0, 1, 1),
+      self_attn=(False, False, True),
+      head_dim=32,
+      ff_mult=3,
+      ff_activation="swish",
+      shared_kv=True,
+      attention="softmax",
+      sep_expansion=4,
+      norm_groups=16,
+      time_embed_dim=256,
+      remat=False,
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      num_timesteps=1000,
+      beta_start=0.00085,
+      beta_end=0.012,
+      kind="scaled_linear",
+      zero_terminal_snr=True,
+      prediction_type="v",
+      loss_weighting="none",
+      min_snr_gamma=5.0,
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num_steps=50,
+      guidance_scale=4.0,
+      guidance_rescale=0.0,
+      num_eval_samples=256,
+      eval_seed=2024,
+      batch_size=64,
+      grid_columns=16,
+  ))
+
+  c.optim.warmup_steps = 100
+  c.optim.learning_rate = 1e-3
+  c.log_every = 25
+  c.ema_decay = 0.999
+  c.checkpoint.every = 250
+
+  if stage == "vae":
+    c.num_train_steps = 1200
+    c.global_batch_size = 32
+    c.optim.learning_rate = 2e-3
+    c.sample.num_eval_samples = 64
+  elif stage == "lowres":
+    c.num_train_steps = 1500
+    c.global_batch_size = 64
+  else:
+    c.num_train_steps = 1500
+    c.global_batch_size = 64
+
+  if size == "smoke":
+    c.num_train_steps = 40
+    c.optim.warmup_steps = 5
+    c.checkpoint.every = 20
+    c.log_every = 10
+    c.global_batch_size = 16
+    c.sample.num_eval_samples = 32
+    c.sample.num_steps = 10
+    c.vae.stats_batches = 2
+  elif size == "tiny":
+    c.num_train_steps = 4
+    c.optim.warmup_steps = 1
+    c.checkpoint.every = 2
+    c.log_every = 1
+    c.global_batch_size = 8
+    c.progress_bar = False
+    c.text.hidden_size = 32
+    c.text.intermediate_size = 64
+    c.text.num_hidden_layers = 1
+    c.text.num_attention_heads = 2
+    c.vae.channels = (8, 16, 16, 16)
+    c.vae.norm_groups = 4
+    c.vae.stats_batches = 1
+    c.unet.context_dim = 32
+    c.unet.channels = (16, 32, 32)
+    c.unet.head_dim = 16
+    c.unet.norm_groups = 4
+    c.unet.time_embed_dim = 32
+    c.sample.num_eval_samples = 8
+    c.sample.num_steps = 3
+    c.sample.batch_size = 8
+    c.sample.grid_columns = 4
+    c.eval_at_end = True
+  c.unet.context_dim = c.text.hidden_size
+  return c

@@ -1,0 +1,198 @@
+"""grain input pipeline for the shapes dataset, plus tokenizer helpers.
+
+Sharding is done per global batch rather than per record range: global batch k
+is always the records at positions [k*G, (k+1)*G) of one seeded, per-epoch
+reshuffled order, and process p of P takes rows [p*G/P, (p+1)*G/P) of it. So
+the union of all processes' slices at step k is the same global batch for any
+process count, which makes runs comparable (and resumable) across topologies.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from md_jax.data import shapes
+
+_SPLIT_SALT = {"train": 0, "eval": 1, "heldout": 2}
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def default_tokenizer_path() -> str:
+  """The packaged shapes tokenizer directory (md_jax/assets/shapes_tokenizer)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(root, "assets", "shapes_tokenizer")
+
+
+def load_tokenizer(path: str | None = None):
+  """A transformers CLIPTokenizer, offline; None loads the packaged one."""
+  from transformers import CLIPTokenizer  # heavy import, only when needed
+
+  return CLIPTokenizer.from_pretrained(path or default_tokenizer_path(),
+                                       local_files_only=True)
+
+
+def tokenize(tokenizer, captions: str | Sequence[str], max_length: int) -> np.ndarray:
+  """int32 (B, max_length) ids: <|startoftext|> ... <|endoftext|> then padding.
+
+  Too-long captions are truncated with the end token kept last, as CLIP does
+  with padding="max_length", truncation=True.
+  """
+  if isinstance(captions, str):
+    captions = [captions]
+  if max_length < 2:
+    raise ValueError(f"max_length must be >= 2 (start and end tokens), got {max_length}")
+  # A call with padding/truncation reconfigures the Rust tokenizer in place,
+  # and concurrent calls (pipeline read threads vs. the trainer tokenizing eval
+  # prompts) fail with "Already borrowed"; serialise them.
+  with _TOKENIZER_LOCK:
+    enc = tokenizer(list(captions), padding="max_length", truncation=True,
+                    max_length=max_length, return_attention_mask=False)
+  return np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(captions), max_length)
+
+
+class _ProcessRows(grain.MapDataset):
+  """This process's records of each global batch, in order.
+
+  Element j of process p is position (j // b) * G + p * b + j % b of the parent
+  (b = G / P rows per process), i.e. row j % b of p's slice of global batch
+  j // b.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch_size: int,
+               process_index: int, process_count: int):
+    super().__init__(parent)
+    self._g = global_batch_size
+    self._b = global_batch_size // process_count
+    self._offset = process_index * self._b
+    self._len = (len(parent) // global_batch_size) * self._b
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __str__(self) -> str:
+    return f"ProcessRows(global={self._g}, rows={self._b}, offset={self._offset})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, row = divmod(index, self._b)
+    return self._parent[step * self._g + self._offset + row]
+
+
+class _MakeBatch:
+  """Record indices (b,) -> batch: images in [-1, 1], token ids, labels."""
+
+  def __init__(self, source: shapes.ShapesSource, tokenizer, max_length: int,
+               caption_dropout: float, seed: int):
+    self._source = source
+    self._tokenizer = tokenizer
+    self._max_length = max_length
+    self._dropout = float(caption_dropout)
+    self._seed = seed
+
+  def _drop_caption(self, index: int) -> bool:
+    if self._dropout <= 0.0:
+      return False
+    # Keyed on the record, not the step: the same record always keeps or drops
+    # its caption, independent of order, sharding and restarts.
+    rng = np.random.default_rng([self._seed, _SPLIT_SALT[self._source.split], index, 0xD20])
+    return bool(rng.random() < self._dropout)
+
+  def __call__(self, indices) -> dict:
+    indices = [int(i) for i in np.asarray(indices).reshape(-1)]
+    recs = [self._source[i] for i in indices]
+    texts = ["" if self._drop_caption(i) else r["caption"] for i, r in zip(indices, recs)]
+    images = np.stack([r["image"] for r in recs]).astype(np.float32)
+    return dict(
+        image=images * np.float32(2.0 / 255.0) - np.float32(1.0),
+        input_ids=tokenize(self._tokenizer, texts, self._max_length),
+        colour=np.array([r["colour"] for r in recs], np.int32),
+        shape=np.array([r["shape"] for r in recs], np.int32),
+        position=np.array([r["position"] for r in recs], np.int32),
+        held_out=np.array([r["held_out"] for r in recs], np.bool_),
+    )
+
+
+def make_shapes_dataset(*, split: str, image_size: int, global_batch_size: int,
+                        process_index: int, process_count: int, seed: int,
+                        tokenizer, max_length: int, num_records: int = 1_000_000,
+                        caption_dropout: float = 0.0, data_seed: int | None = None,
+                        num_threads: int = 1, prefetch_batches: int = 2,
+                        worker_count: int = 0) -> grain.IterDataset:
+  """The batched IterDataset behind make_shapes_iterator (same arguments)."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got "
+                     f"{process_index=} {process_count=}")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive "
+                     f"multiple of process_count={process_count}")
+  if num_records < global_batch_size:
+    raise ValueError(f"num_records={num_records} is smaller than "
+                     f"global_batch_size={global_batch_size}")
+  if not 0.0 <= caption_dropout <= 1.0:
+    raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+  data_seed = seed if data_seed is None else data_seed
+  source = shapes.ShapesSource(split, image_size, num_records, data_seed)
+  # Indexing a shuffled dataset past its length reshuffles with seed + epoch,
+  # so repeat() gives a fresh order every epoch.
+  order = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32).repeat()
+  rows = _ProcessRows(order, global_batch_size, process_index, process_count)
+  # Indices are batched before anything is rendered: a batch is the unit of
+  # prefetching, so read threads and worker processes each build whole batches
+  # (neither changes which records end up together), and the captions of a
+  # batch are tokenized in one call.
+  ds = rows.batch(global_batch_size // process_count, drop_remainder=True)
+  ds = ds.map(_MakeBatch(source, tokenizer, max_length, caption_dropout, data_seed))
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads, 1)))
+  if worker_count > 0:
+    from absl import flags  # grain workers read absl flags
+
+    if not flags.FLAGS.is_parsed():
+      # Outside an absl app nobody parses flags; grain's defaults are fine.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+def make_shapes_iterator(*, split: str, image_size: int, global_batch_size: int,
+                         process_index: int, process_count: int, seed: int,
+                         tokenizer, max_length: int, num_records: int = 1_000_000,
+                         caption_dropout: float = 0.0, data_seed: int | None = None,
+                         num_threads: int = 1, prefetch_batches: int = 2,
+                         worker_count: int = 0) -> grain.DatasetIterator:
+  """Endless, checkpointable iterator over this process's slice of each batch.
+
+  Yields dict(image=float32 (b, H, W, 3) in [-1, 1], input_ids=int32
+  (b, max_length), colour/shape/position=int32 (b,), held_out=bool (b,)) with
+  b = global_batch_size // process_count. The order is a function of `seed`
+  only (not of the process count); record content is a function of
+  (data_seed or seed, split, record index). With probability caption_dropout,
+  fixed per record, the caption is replaced by "" (for classifier-free
+  guidance). The iterator supports get_state()/set_state() and
+  grain.checkpoint.CheckpointSave/CheckpointRestore with orbax.
+
+  Throughput knobs, none of which changes the data or its order:
+  num_threads read threads (0 = render synchronously; the default 1 overlaps
+  rendering with the training step) keeping up to prefetch_batches batches
+  ready; worker_count > 0 renders batches in that many
+  grain worker processes instead (rendering is numpy-bound, so processes scale
+  where threads hit the GIL); close the iterator when done with workers.
+  """
+  return iter(make_shapes_dataset(
+      split=split, image_size=image_size, global_batch_size=global_batch_size,
+      process_index=process_index, process_count=process_count, seed=seed,
+      tokenizer=tokenizer, max_length=max_length, num_records=num_records,
+      caption_dropout=caption_dropout, data_seed=data_seed, num_threads=num_threads,
+      prefetch_batches=prefetch_batches, worker_count=worker_count))
+
+
+def decode_ids(tokenizer, input_ids: Any) -> list[str]:
+  """Token ids (B, L) back to caption strings, for logging."""
+  return [tokenizer.decode([int(t) for t in row], skip_special_tokens=True)
+          for row in np.asarray(input_ids)]

@@ -1,0 +1,63 @@
+"""Entry point: ``python -m md_jax.main --config=configs/X.py[:arg] --workdir=DIR [--config.k=v]``.
+
+``config.trainer`` picks the objective; the run resumes from the newest checkpoint in DIR.
+An unknown or mistyped ``--config.`` key fails at flag parsing, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize(): 'auto' calls it when a cluster is detected (TPU VM pods, "
+    "SLURM, or JAX_COORDINATOR_ADDRESS set).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if mode == "off":
+    return
+  env = os.environ
+  coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator:
+    if env.get("JAX_PLATFORMS", "") == "cpu" or env.get("MD_JAX_CPU_COLLECTIVES"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]))
+    return
+  if mode == "on" or env.get("TPU_WORKER_HOSTNAMES") or env.get("SLURM_JOB_ID"):
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  maybe_initialize_distributed(_DISTRIBUTED.value)
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  try:
+    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (loop.WorkdirError, loop.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  summary = {k: result[k] for k in ("step", "preempted", "workdir")}
+  summary["eval"] = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, (int, float))}
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)

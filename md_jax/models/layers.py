@@ -1,0 +1,221 @@
+"""Basic NNX layers shared by the UNet, the VAE and the text encoder.
+
+Constructors take explicit keyword arguments plus `rngs`, `dtype` (compute dtype) and
+`param_dtype` (storage dtype). Every layer holds only `nnx.Param`s, each annotated with logical
+axis names through `out_sharding`; the train loop maps those names to mesh axes.
+
+Layout is NHWC and no op here produces a tensor of rank > 4, so the graphs stay convertible to
+TFLite's GPU delegate (DESIGN 6).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Axes = tuple
+
+# Logical axis names (the loop's sharding rules key on these strings).
+EMBED, MLP, HEADS, VOCAB = "embed", "mlp", "heads", "vocab"
+CONV_IN, CONV_OUT, NORM = "conv_in", "conv_out", "norm"
+
+
+def lecun_normal(fan_in: int) -> Callable:
+  """Normal init with variance 1/fan_in (flax's default for Linear/Conv)."""
+  std = 1.0 / math.sqrt(max(fan_in, 1))
+
+  def init(key, shape, dtype):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+  return init
+
+
+def zeros_init(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def make_param(init: Callable, key, shape: Sequence[int], param_dtype, axes: Axes) -> nnx.Param:
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(init(key, tuple(shape), param_dtype), out_sharding=tuple(axes))
+
+
+def swish(x: Array) -> Array:
+  return x * jax.nn.sigmoid(x)
+
+
+def quick_gelu(x: Array) -> Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  if name in ("swish", "silu"):
+    return swish
+  if name == "gelu":
+    # Exact erf gelu, as PyTorch's default F.gelu used by SD's GEGLU and CLIP's "gelu".
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == "gelu_tanh":
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "quick_gelu":
+    return quick_gelu
+  if name == "relu":
+    return jax.nn.relu
+  raise ValueError(f"unknown activation {name!r}")
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias over the last axis; kernel is (in, out)."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               kernel_axes: Axes = (EMBED, MLP), kernel_init: Callable | None = None,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = dtype
+    init = kernel_init or lecun_normal(in_features)
+    self.kernel = make_param(init, rngs.params(), (in_features, out_features), param_dtype,
+                             kernel_axes)
+    self.bias = (make_param(zeros_init, rngs.params(), (out_features,), param_dtype, (NORM,))
+                 if use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Conv2d(nnx.Module):
+  """2-D convolution, NHWC input and HWIO kernel.
+
+  padding='SAME' everywhere: for stride 1 and a 3x3 kernel it is the usual pad-1, for stride 2 on
+  even sizes it pads (0, 1) as SD's VAE downsampler does, and it maps to TFLite's native SAME
+  padding without a separate PAD op.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *,
+               stride: int = 1, use_bias: bool = True, kernel_init: Callable | None = None,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.in_channels, self.out_channels = in_channels, out_channels
+    self.kernel_size, self.stride = kernel_size, stride
+    self.dtype = dtype
+    init = kernel_init or lecun_normal(kernel_size * kernel_size * in_channels)
+    self.kernel = make_param(init, rngs.params(),
+                             (kernel_size, kernel_size, in_channels, out_channels), param_dtype,
+                             (None, None, CONV_IN, CONV_OUT))
+    self.bias = (make_param(zeros_init, rngs.params(), (out_channels,), param_dtype, (NORM,))
+                 if use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x, self.kernel[...].astype(self.dtype), window_strides=(self.stride, self.stride),
+        padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class DepthwiseConv2d(nnx.Module):
+  """Per-channel spatial convolution; kernel (k, k, 1, C) as TFLite's DEPTHWISE_CONV_2D wants."""
+
+  def __init__(self, channels: int, kernel_size: int = 3, *, use_bias: bool = True,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.channels, self.kernel_size = channels, kernel_size
+    self.dtype = dtype
+    self.kernel = make_param(lecun_normal(kernel_size * kernel_size), rngs.params(),
+                             (kernel_size, kernel_size, 1, channels), param_dtype,
+                             (None, None, None, CONV_OUT))
+    self.bias = (make_param(zeros_init, rngs.params(), (channels,), param_dtype, (NORM,))
+                 if use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x, self.kernel[...].astype(self.dtype), window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.channels)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm over (B, H, W, C) or (B, L, C), written with rank-4 intermediates only.
+
+  flax's GroupNorm reshapes to rank 5, which the TFLite GPU delegate cannot run; here the input is
+  viewed as (B, H*W, G, C/G) and reduced over axes 1 and 3. Statistics are taken in float32
+  because a bf16 mean over thousands of elements loses most of its precision.
+  """
+
+  def __init__(self, channels: int, *, num_groups: int = 32, eps: float = 1e-5,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    if channels % num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels not divisible by {num_groups} groups")
+    self.channels, self.num_groups, self.eps = channels, num_groups, eps
+    self.dtype = dtype
+    self.scale = make_param(ones_init, rngs.params(), (channels,), param_dtype, (NORM,))
+    self.bias = make_param(zeros_init, rngs.params(), (channels,), param_dtype, (NORM,))
+
+  def __call__(self, x: Array) -> Array:
+    shape = x.shape
+    b, c = shape[0], shape[-1]
+    g = self.num_groups
+    xg = x.astype(jnp.float32).reshape(b, -1, g, c // g)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.dim, self.eps = dim, eps
+    self.dtype = dtype
+    self.scale = make_param(ones_init, rngs.params(), (dim,), param_dtype, (NORM,))
+    self.bias = make_param(zeros_init, rngs.params(), (dim,), param_dtype, (NORM,))
+
+  def __call__(self, x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def upsample_nearest_2x(x: Array) -> Array:
+  # jax.image.resize 'nearest' is lowered by the TFLite converter to one RESIZE_NEAREST_NEIGHBOR
+  # (checked, DESIGN 6); its jaxpr holds an index gather that export_safety knows to accept.
+  b, h, w, c = x.shape
+  return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal embedding of float timesteps, [cos | sin] as SD (flip_sin_to_cos=True)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a module or state (works on nnx.eval_shape output)."""
+  state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))

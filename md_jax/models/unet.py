@@ -1,0 +1,251 @@
+"""The MobileDiffusion UNet (paper sec. 3, Table 6; DESIGN 2).
+
+`UNet(cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32)`, with `cfg` a ConfigDict whose
+fields are (defaults in `default_config()`, the paper's MD):
+
+  in_channels, out_channels    latent channels in and out (8, 8)
+  context_dim                  text embedding width (768, CLIP ViT-L/14)
+  channels                     per-level widths, e.g. (320, 640, 1024)
+  down_blocks, up_blocks       conv blocks per level; sum(up) must equal 1 + sum(down) +
+                               (levels - 1), the number of skips pushed (SD accounting)
+  down_conv, up_conv           per level 'full' (SD resblock) or 'sep' (SPConv)
+  down_depth, up_depth         transformer layers after each conv block (0 = none)
+  self_attn                    per level, SA in those transformer layers (CA always present)
+  head_dim                     attention head width; heads = channels // head_dim
+  ff_mult, ff_activation       GLU expansion and gate nonlinearity ('swish' | 'gelu')
+  shared_kv                    self-attention W_K = W_V
+  attention                    'softmax' | 'relu'
+  sep_expansion                SPConv pointwise expansion
+  norm_groups                  GroupNorm groups
+  time_embed_dim               width of the time MLP output
+  remat                        (optional, default False) nnx.remat around conv blocks and
+                               transformer layers
+
+`__call__(x (B,H,W,in_channels), t (B,) float in [0, 1000), context (B,L,context_dim))`
+returns (B,H,W,out_channels) in float32 (the loss is taken in float32 whatever the compute
+dtype). H and W must be divisible by 2**(levels-1).
+
+Layout: conv_in -> per level: blocks x [conv block (+ transformer)], strided-conv downsample except
+at the last level -> per level reversed: blocks x [concat skip -> conv block (+ transformer)],
+nearest upsample + conv except at level 0 -> GN, swish, conv_out (zero-init, so the untrained
+model predicts 0). The innermost down and up stacks share one resolution and there is no separate
+mid block (paper 3.4). With SD's skip accounting the first innermost up block concatenates the
+last down block's output with itself (no mid block in between).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from md_jax.models.blocks import (Downsample, FullConv, SpatialTransformer, SPConv, Upsample,
+                                  make_conv_block, maybe_remat)
+from md_jax.models.attention import Attention
+from md_jax.models.layers import (EMBED, MLP, Conv2d, Dense, GroupNorm, swish,
+                                  timestep_embedding, zeros_init)
+
+Array = jax.Array
+
+
+def default_config(variant: str = "md") -> ml_collections.ConfigDict:
+  """Paper Table 6: 'md' (MobileDiffusion) or 'md-lite'."""
+  cfg = ml_collections.ConfigDict(dict(
+      in_channels=8,
+      out_channels=8,
+      context_dim=768,
+      channels=(320, 640, 1024),
+      down_blocks=(1, 1, 2),
+      up_blocks=(2, 2, 3),
+      down_conv=("full", "full", "sep"),
+      up_conv=("full", "full", "sep"),
+      down_depth=(0, 1, 3),
+      up_depth=(0, 1, 3),
+      self_attn=(False, False, True),
+      # 64: SD's and most ViTs' head width; gives 10 heads at 640 and 16 at 1024.
+      head_dim=64,
+      ff_mult=3,
+      ff_activation="swish",
+      shared_kv=True,
+      attention="softmax",
+      # 4: ConvNeXt's inverted-bottleneck ratio, which the paper's SPConv follows (Fig. 2).
+      sep_expansion=4,
+      # 32: SD's value, and it divides every width (and every concatenated width) used here.
+      norm_groups=32,
+      # 1280 = 4 x 320: SD's time MLP width for a 320-channel first level.
+      time_embed_dim=1280,
+      remat=False,
+  ))
+  if variant == "md-lite":
+    cfg.channels = (320, 640, 896)
+    cfg.up_depth = (0, 1, 2)
+  elif variant != "md":
+    raise ValueError(f"unknown UNet variant {variant!r}")
+  return cfg
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  """Same block types as the paper's model, small enough for CPU tests."""
+  cfg = default_config()
+  cfg.in_channels = 4
+  cfg.out_channels = 4
+  cfg.context_dim = 16
+  cfg.channels = (16, 32, 32)
+  cfg.down_depth = (0, 1, 1)
+  cfg.up_depth = (0, 1, 1)
+  cfg.head_dim = 8
+  cfg.ff_mult = 2
+  cfg.sep_expansion = 2
+  cfg.norm_groups = 4
+  cfg.time_embed_dim = 32
+  return cfg
+
+
+def _levels(cfg) -> int:
+  n = len(cfg.channels)
+  for name in ("down_blocks", "up_blocks", "down_conv", "up_conv", "down_depth", "up_depth",
+               "self_attn"):
+    if len(cfg[name]) != n:
+      raise ValueError(f"unet.{name} has {len(cfg[name])} entries, channels has {n}")
+  skips = 1 + sum(cfg.down_blocks) + (n - 1)
+  if sum(cfg.up_blocks) != skips:
+    raise ValueError(f"sum(up_blocks)={sum(cfg.up_blocks)} must equal the {skips} skips pushed "
+                     "(conv_in + every down block + every downsample)")
+  return n
+
+
+def count_blocks(cfg) -> dict:
+  """Conv blocks, SA and CA layers implied by the config (Table 6: 11, 15, 18 for MD)."""
+  n = _levels(cfg)
+  conv = sum(cfg.down_blocks) + sum(cfg.up_blocks)
+  sa = ca = 0
+  for l in range(n):
+    for blocks, depth in ((cfg.down_blocks[l], cfg.down_depth[l]),
+                          (cfg.up_blocks[l], cfg.up_depth[l])):
+      ca += blocks * depth
+      sa += blocks * depth * int(bool(cfg.self_attn[l]))
+  return dict(conv=conv, sa=sa, ca=ca)
+
+
+def count_modules(model: nnx.Module) -> dict:
+  """The same counts read off a built (or eval_shape'd) model, to check the wiring."""
+  counts = dict(conv=0, full_conv=0, sep_conv=0, sa=0, ca=0)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, (FullConv, SPConv)):
+      counts["conv"] += 1
+      counts["full_conv" if isinstance(node, FullConv) else "sep_conv"] += 1
+    elif isinstance(node, Attention):
+      counts["ca" if node.is_cross else "sa"] += 1
+  return counts
+
+
+class UNetLevel(nnx.Module):
+  """Conv blocks of one level, their transformers (empty when depth is 0) and a resampler."""
+
+  def __init__(self, convs, transformers, resample):
+    self.convs = nnx.List(convs)
+    self.transformers = nnx.List(transformers)
+    self.resample = resample
+
+
+class UNet(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    n = _levels(cfg)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    ch = tuple(cfg.channels)
+    ted = cfg.time_embed_dim
+    self.remat = bool(cfg.get("remat", False))
+    self.num_levels = n
+    self.dtype = dtype
+
+    # Sinusoid width = first level's width, as SD (320 -> 1280).
+    self.time_freq_dim = ch[0]
+    self.time_embed_1 = Dense(ch[0], ted, kernel_axes=(EMBED, MLP), **kw)
+    self.time_embed_2 = Dense(ted, ted, kernel_axes=(MLP, EMBED), **kw)
+    self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, **kw)
+
+    block_kw = dict(temb_dim=ted, norm_groups=cfg.norm_groups, sep_expansion=cfg.sep_expansion,
+                    **kw)
+
+    def transformer(l: int, depth: int):
+      return SpatialTransformer(
+          ch[l], depth=depth, context_dim=cfg.context_dim, head_dim=cfg.head_dim,
+          self_attn=bool(cfg.self_attn[l]), shared_kv=cfg.shared_kv, attention=cfg.attention,
+          ff_mult=cfg.ff_mult, ff_activation=cfg.ff_activation, norm_groups=cfg.norm_groups,
+          remat=self.remat, **kw)
+
+    skip_channels = [ch[0]]
+    cur = ch[0]
+    down = []
+    for l in range(n):
+      convs, trans = [], []
+      for _ in range(cfg.down_blocks[l]):
+        convs.append(make_conv_block(cfg.down_conv[l], cur, ch[l], **block_kw))
+        cur = ch[l]
+        if cfg.down_depth[l] > 0:
+          trans.append(transformer(l, cfg.down_depth[l]))
+        skip_channels.append(cur)
+      resample = None
+      if l < n - 1:
+        resample = Downsample(cur, **kw)
+        skip_channels.append(cur)
+      down.append(UNetLevel(convs, trans, resample))
+    self.down_levels = nnx.List(down)
+
+    up = [None] * n
+    for l in reversed(range(n)):
+      convs, trans = [], []
+      for _ in range(cfg.up_blocks[l]):
+        convs.append(make_conv_block(cfg.up_conv[l], cur + skip_channels.pop(), ch[l],
+                                     **block_kw))
+        cur = ch[l]
+        if cfg.up_depth[l] > 0:
+          trans.append(transformer(l, cfg.up_depth[l]))
+      up[l] = UNetLevel(convs, trans, Upsample(cur, **kw) if l > 0 else None)
+    assert not skip_channels
+    # Indexed by level (up_levels[0] is the outermost), run from the innermost outwards.
+    self.up_levels = nnx.List(up)
+
+    self.norm_out = GroupNorm(ch[0], num_groups=cfg.norm_groups, **kw)
+    self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, kernel_init=zeros_init, **kw)
+
+  def time_embedding(self, t: Array) -> Array:
+    emb = timestep_embedding(t, self.time_freq_dim).astype(self.dtype)
+    return self.time_embed_2(swish(self.time_embed_1(emb)))
+
+  def _stage(self, level: UNetLevel, i: int, h: Array, temb: Array, context: Array) -> Array:
+    h = maybe_remat(level.convs[i], h, temb, enabled=self.remat)
+    if len(level.transformers):
+      h = level.transformers[i](h, context)
+    return h
+
+  def __call__(self, x: Array, t: Array, context: Array) -> Array:
+    factor = 2 ** (self.num_levels - 1)
+    if x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f"spatial size {x.shape[1:3]} not divisible by {factor}")
+    x = x.astype(self.dtype)
+    context = context.astype(self.dtype)
+    temb = self.time_embedding(t)
+
+    h = self.conv_in(x)
+    skips = [h]
+    for level in self.down_levels:
+      for i in range(len(level.convs)):
+        h = self._stage(level, i, h, temb, context)
+        skips.append(h)
+      if level.resample is not None:
+        h = level.resample(h)
+        skips.append(h)
+
+    for l in reversed(range(self.num_levels)):
+      level = self.up_levels[l]
+      for i in range(len(level.convs)):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = self._stage(level, i, h, temb, context)
+      if level.resample is not None:
+        h = level.resample(h)
+
+    h = self.conv_out(swish(self.norm_out(h)))
+    return h.astype(jnp.float32)

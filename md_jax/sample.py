@@ -1,0 +1,92 @@
+"""Sampling CLI: ``python -m md_jax.sample --workdir=DIR [--step=N] "prompt" ...``.
+
+Restores the diffusion run's checkpoint (EMA params when present; only the parts sampling needs,
+onto whatever devices this machine has) and writes one PNG per prompt plus a grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a diffusion run.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
+_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: config's).")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed; sample i uses fold_in(seed, i).")
+_NUM = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples/cli).")
+_EMA = flags.DEFINE_bool("ema", True, "Use EMA params when the checkpoint has them.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "empty"
+
+
+def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = True):
+  """(config, LatentDiffusion, mesh, unet params, frozen, step) restored from ``workdir``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
+  from md_jax.train import sharding as shd  # pylint: disable=g-import-not-at-top
+
+  step = ckpt_lib.latest_step_in(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}")
+  cfg_json = ckpt_lib.read_config_json(workdir, step)
+  if not cfg_json:
+    raise FileNotFoundError(f"{workdir} step {step} holds no config")
+  config = ml_collections.ConfigDict(cfg_json)
+  if config.trainer != "diffusion":
+    raise ValueError(f"{workdir} is a {config.trainer!r} run; sampling needs a diffusion run")
+  # Sampling runs on whatever this machine has, not the training mesh.
+  mesh = shd.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
+  ld = diff.LatentDiffusion(config)
+  rules = shd.rules_dict([tuple(r) for r in config.sharding_rules])
+  unet_sh = shd.tree_shardings(ld.unet.abstract_params, ld.unet.logical, rules, mesh)
+  frozen_abs, frozen_logical = ld.frozen_spec()
+  frozen_sh = shd.tree_shardings(frozen_abs, frozen_logical, rules, mesh)
+  place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  unet_abs = jax.tree.map(place, ld.unet.abstract_params, unet_sh)
+  frozen_abs = jax.tree.map(place, frozen_abs, frozen_sh)
+  which = "ema_params" if use_ema and config.ema_decay else "params"
+  got, step = ckpt_lib.restore_subset(workdir, {which: {"unet": unet_abs}, "frozen": frozen_abs},
+                                      step)
+  return config, ld, mesh, got[which]["unet"], got["frozen"], step
+
+
+def main(argv):
+  prompts = argv[1:]
+  if not prompts:
+    raise app.UsageError("give at least one prompt")
+  from md_jax.evaluators import samples as samples_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
+  try:
+    config, ld, mesh, unet, frozen, step = load_for_sampling(_WORKDIR.value, _STEP.value, _EMA.value)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  expanded = [p for p in prompts for _ in range(_NUM.value)]
+  cfg_scale = config.sample.guidance_scale if _CFG.value is None else _CFG.value
+  images = diff.generate(ld, mesh, unet, frozen, expanded, seed=_SEED.value,
+                         image_size=int(config.data.image_size), num_steps=_STEPS.value,
+                         guidance_scale=float(cfg_scale), batch_size=int(config.sample.batch_size))
+  out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "cli")
+  os.makedirs(out, exist_ok=True)
+  written = []
+  for i, (p, img) in enumerate(zip(expanded, images)):
+    written.append(samples_lib.save_png(img, os.path.join(out, f"{i:04d}_{_slug(p)}.png")))
+  grid = samples_lib.make_grid(images, columns=max(1, _NUM.value) if len(prompts) > 1 else 8)
+  written.append(samples_lib.save_png(grid, os.path.join(out, "grid.png")))
+  print(json.dumps(dict(step=step, steps=_STEPS.value, cfg=cfg_scale, files=written)))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,468 @@
+"""The one train loop every objective runs on.
+
+An objective (VAE, diffusion, ...) says which modules it trains, which frozen arrays it reads,
+how a batch becomes a loss, and how to evaluate; this loop owns everything else: the mesh,
+sharded state creation, the jitted step, checkpoints and resume, preemption, metrics, MFU,
+non-finite detection and the progress bar. The same code runs on one CPU, fake CPU devices,
+several processes, a GPU or a TPU pod.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from md_jax.train import checkpoint as ckpt_lib
+from md_jax.train import optim
+from md_jax.train import sharding as shd
+from md_jax.train.state import ModelSpec
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss or gradient; the last good checkpoint is kept."""
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used (not writable, not a directory)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives
+
+
+class Objective(abc.ABC):
+  """What a trainer supplies to the loop."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    self.config = config
+    self.mesh = mesh
+    self.rules = shd.rules_dict(config.sharding_rules)
+
+  # Modules whose params are trained, by name (the params tree is {name: params}).
+  @property
+  @abc.abstractmethod
+  def trainable(self) -> dict[str, ModelSpec]:
+    ...
+
+  def frozen_spec(self) -> tuple[dict, dict]:
+    """(abstract tree, logical-axes tree) of the frozen arrays; empty by default."""
+    return {}, {}
+
+  def init_frozen(self, shardings) -> dict:
+    """Creates or loads the frozen arrays, placed with ``shardings``."""
+    return {}
+
+  def init_params(self, rng: jax.Array) -> dict:
+    """Fresh trainable params (traced under jit)."""
+    keys = jax.random.split(rng, len(self.trainable))
+    return {name: spec.init(k) for (name, spec), k in zip(sorted(self.trainable.items()), keys)}
+
+  def load_init_from(self, abstract: dict) -> dict | None:
+    """Params (and EMA) from ``config.init_from``, or None to initialise fresh."""
+    return None
+
+  @abc.abstractmethod
+  def loss(self, params: dict, frozen: dict, batch: dict, rng: jax.Array, step: jax.Array):
+    """Returns (scalar loss, dict of scalar metrics). Traced inside the jitted step."""
+
+  @abc.abstractmethod
+  def data_iterator(self, process_index: int, process_count: int):
+    """A checkpointable iterator of this process's rows of each global batch."""
+
+  def host_batch(self, element: dict) -> dict[str, np.ndarray]:
+    """The arrays of one data element the step consumes (dropping strings and such)."""
+    return {k: np.asarray(v) for k, v in element.items()
+            if isinstance(v, np.ndarray) and v.dtype != object}
+
+  def evaluate(self, state: dict, *, step: int, workdir: str, writer, final: bool) -> dict:
+    return {}
+
+  def finalize(self, state: dict) -> dict:
+    """Last chance to fill frozen arrays computed from the trained model (e.g. latent stats)."""
+    return state
+
+  def examples_per_step(self) -> int:
+    return int(self.config.global_batch_size)
+
+
+_OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+
+
+def register(name: str):
+  def deco(cls):
+    _OBJECTIVES[name] = cls
+    return cls
+  return deco
+
+
+def get_objective(name: str):
+  # Trainer modules register themselves on import.
+  from md_jax.train import diffusion as _diffusion  # noqa: F401  pylint: disable=g-import-not-at-top
+  from md_jax.train import vae as _vae  # noqa: F401  pylint: disable=g-import-not-at-top
+  if name not in _OBJECTIVES:
+    raise ValueError(f"config.trainer={name!r} is unknown; choose one of {sorted(_OBJECTIVES)}")
+  return _OBJECTIVES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Workdir, caches, peaks
+
+
+def prepare_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir} cannot be created: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f"--workdir={workdir} is not writable by this user")
+  probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir} is not writable: {e.strerror}") from None
+  return workdir
+
+
+def setup_compilation_cache(path: str | None) -> None:
+  if not path:
+    return
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# Dense peak FLOP/s per device for the compute dtype MFU is quoted in (bf16 on accelerators).
+_PEAK_FLOPS = {
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+    "h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12,
+}
+
+
+def peak_flops_per_device(config) -> float:
+  if config.peak_flops_per_device:
+    return float(config.peak_flops_per_device)
+  kind = jax.devices()[0].device_kind.lower()
+  for name, peak in _PEAK_FLOPS.items():
+    if name in kind:
+      return peak
+  # CPU: no meaningful vendor number; a measured fp32 matmul rate of a 2-core host.
+  return 1.67e11 / max(1, jax.local_device_count())
+
+
+def _cost_flops(compiled) -> float:
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost.get("flops", 0.0))
+  except Exception:  # pylint: disable=broad-except
+    return 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption
+
+
+class _Preemption:
+  """SIGTERM (what TPU VMs and schedulers send) asks the loop to save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def install(self):
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      logging.warning("signal %d received: will save a checkpoint and stop", signum)
+      self.requested = True
+    try:
+      self._old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+      self._old = None
+
+  def uninstall(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray(int(self.requested), np.int32))
+    return bool(np.any(flags))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def _config_json(config) -> dict:
+  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+class Trainer:
+  """Builds the sharded state and the jitted step for one objective."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh_shape, config.mesh_axes)
+    self.objective = get_objective(config.trainer)(config, self.mesh)
+    self.tx = optim.make_optimizer(config.optim, config.num_train_steps)
+    self.rules = shd.rules_dict(config.sharding_rules)
+    self._build_shardings()
+    self._compiled_step = None
+    self.step_flops = 0.0
+
+  # -- state ---------------------------------------------------------------------------------
+  def _build_shardings(self):
+    obj, mesh = self.objective, self.mesh
+    specs = obj.trainable
+    self.abstract_params = {n: s.abstract_params for n, s in specs.items()}
+    logical = {n: s.logical for n, s in specs.items()}
+    self.param_shardings = shd.tree_shardings(self.abstract_params, logical, self.rules, mesh)
+    frozen_abs, frozen_logical = obj.frozen_spec()
+    self.frozen_abstract = frozen_abs
+    self.frozen_shardings = shd.tree_shardings(frozen_abs, frozen_logical, self.rules, mesh)
+    abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+    rep = shd.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    use_ema = bool(self.config.ema_decay)
+    self.state_shardings = dict(
+        step=rep, params=self.param_shardings, opt_state=opt_shardings,
+        ema_params=self.param_shardings if use_ema else None,
+        frozen=self.frozen_shardings)
+    self.abstract_state = dict(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=self.abstract_params,
+        opt_state=abstract_opt,
+        ema_params=self.abstract_params if use_ema else None,
+        frozen=frozen_abs)
+    self.abstract_state_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.abstract_state, self.state_shardings)
+
+  def init_state(self) -> dict:
+    """Fresh state, created directly with its shardings (no host copy of the full model)."""
+    obj = self.objective
+    use_ema = bool(self.config.ema_decay)
+    init_from = obj.load_init_from(self.abstract_state_sharded)
+
+    def make(rng, loaded):
+      params = loaded["params"] if loaded is not None else obj.init_params(rng)
+      opt_state = self.tx.init(params)
+      ema = None
+      if use_ema:
+        ema = loaded["ema_params"] if (loaded is not None and loaded.get("ema_params")) else params
+        ema = jax.tree.map(lambda x: x + 0, ema)  # a distinct buffer so donation is safe
+      return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                  ema_params=ema)
+
+    out_sh = {k: v for k, v in self.state_shardings.items() if k != "frozen"}
+    state = jax.jit(make, out_shardings=out_sh)(jax.random.key(self.config.seed), init_from)
+    state["frozen"] = obj.init_frozen(self.frozen_shardings)
+    return state
+
+  # -- step ------------------------------------------------------------------------------------
+  def _train_step(self, state: dict, batch: dict):
+    obj, cfg = self.objective, self.config
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+    def loss_fn(params):
+      return obj.loss(params, state["frozen"], batch, rng, step)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    if cfg.debug.inject_nan_at_step >= 0:
+      # Test hook: poison the loss at one step to exercise non-finite handling end to end.
+      poison = jnp.where(step == cfg.debug.inject_nan_at_step, jnp.nan, 1.0)
+      loss = loss * poison
+      grads = jax.tree.map(lambda g: g * poison, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    # A non-finite step changes nothing, so the state in memory stays the last good one.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep(params, state["params"])
+    opt_state = keep(opt_state, state["opt_state"])
+    ema = state["ema_params"]
+    if ema is not None:
+      ema = keep(optim.ema_update(ema, params, optim.ema_decay(cfg, step)), ema)
+    new_state = dict(step=step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                     frozen=state["frozen"])
+    lr = optim.learning_rate_schedule(cfg.optim, cfg.num_train_steps)(step)
+    out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr,
+               finite=finite.astype(jnp.float32), param_norm=optax.global_norm(params))
+    out.update(metrics)
+    return new_state, out
+
+  def compile_step(self, batch_abstract: dict):
+    rep = shd.replicated(self.mesh)
+    batch_sh = {k: shd.batch_sharding(self.mesh, len(v.shape)) for k, v in batch_abstract.items()}
+    jitted = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh),
+                     out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
+                 for k, v in batch_abstract.items()}
+    t0 = time.time()
+    compiled = jitted.lower(self.abstract_state_sharded, batch_abs).compile()
+    logging.info("train step compiled in %.1fs", time.time() - t0)
+    self.step_flops = _cost_flops(compiled)
+    self._compiled_step = compiled
+    return compiled
+
+
+def _make_writer(workdir: str):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  return metric_writers.create_default_writer(
+      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0, asynchronous=False)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config.trainer`` in ``workdir`` (resuming if it holds a checkpoint).
+
+  Returns a dict with the final step, the last metrics and the evaluation results, plus
+  ``preempted=True`` when a SIGTERM stopped the run early (after saving).
+  """
+  from md_jax import logs  # pylint: disable=g-import-not-at-top
+  logs.quiet_libraries()
+  workdir = prepare_workdir(workdir)
+  setup_compilation_cache(config.compilation_cache_dir)
+  trainer = Trainer(config, workdir)
+  obj, mesh = trainer.objective, trainer.mesh
+  if config.global_batch_size % shd.batch_divisor(mesh):
+    raise ValueError(
+        f"config.global_batch_size={config.global_batch_size} is not divisible by the "
+        f"{shd.batch_divisor(mesh)} devices of the data axes of mesh {dict(mesh.shape)}")
+  is_lead = jax.process_index() == 0
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
+  data_iter = obj.data_iterator(jax.process_index(), jax.process_count())
+
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s step %d", workdir, latest)
+    state = checkpointer.restore(latest, trainer.abstract_state_sharded, data_iter)
+    state["step"] = jnp.asarray(state["step"], jnp.int32)
+  else:
+    state = trainer.init_state()
+  step = int(jax.device_get(state["step"]))
+  total = int(config.num_train_steps)
+  writer = _make_writer(workdir)
+  if latest is None and is_lead:
+    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.abstract_params))
+    logging.info("%s: %d trainable params, mesh %s", config.trainer, n_params, dict(mesh.shape))
+
+  preempt = _Preemption()
+  preempt.install()
+  config_json = _config_json(config)
+  last_metrics: dict[str, float] = {}
+  eval_results: dict[str, Any] = {}
+  preempted = False
+  peak = peak_flops_per_device(config) * jax.device_count()
+  examples = obj.examples_per_step()
+  progress = None
+  if is_lead and config.progress_bar:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm(total=total, initial=step, desc=config.trainer, unit="step",
+                    mininterval=2.0, dynamic_ncols=True, file=sys.stderr)
+  try:
+    t_last, step_last = time.time(), step
+    while step < total:
+      element = next(data_iter)
+      batch = shd.global_batch_from_local(obj.host_batch(element), mesh)
+      if trainer._compiled_step is None:  # pylint: disable=protected-access
+        trainer.compile_step({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()})
+        t_last = time.time()
+      state, metrics = trainer._compiled_step(state, batch)  # pylint: disable=protected-access
+      step += 1
+      if config.debug.step_sleep_s:
+        time.sleep(float(config.debug.step_sleep_s))
+      if config.check_finite_every and step % config.check_finite_every == 0:
+        finite = float(jax.device_get(metrics["finite"]))
+        if finite < 1.0:
+          checkpointer.wait()
+          loss = float(jax.device_get(metrics["loss"]))
+          raise NonFiniteLossError(
+              f"non-finite loss ({loss}) or gradient at step {step} of {config.trainer}; "
+              f"training stopped. The last good checkpoint is step "
+              f"{checkpointer.latest_step()} in {checkpointer.directory}")
+      if progress is not None:
+        progress.update(1)
+      if step % config.log_every == 0 or step == total:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        dt = (now - t_last) / max(1, step - step_last)
+        t_last, step_last = now, step
+        m["steps_per_sec"] = 1.0 / dt if dt > 0 else 0.0
+        m["examples_per_sec"] = examples / dt if dt > 0 else 0.0
+        if trainer.step_flops:
+          # cost_analysis counts one device's program; all devices run the same program.
+          m["mfu"] = trainer.step_flops * jax.device_count() / dt / peak if dt > 0 else 0.0
+          m["tflops_per_step"] = trainer.step_flops * jax.device_count() / 1e12
+        writer.write_scalars(step, m)
+        last_metrics = m
+        if progress is not None:
+          progress.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+      if config.eval_every and step % config.eval_every == 0 and step < total:
+        eval_results = obj.evaluate(state, step=step, workdir=workdir, writer=writer, final=False)
+      if step % config.checkpoint.every == 0 and step < total:
+        checkpointer.save(step, state, data_iter, config_json)
+      if preempt.agreed() or checkpointer.manager.reached_preemption(step):
+        logging.warning("preemption: saving step %d and exiting", step)
+        checkpointer.save(step, state, data_iter, config_json, force=True)
+        checkpointer.wait()
+        preempted = True
+        break
+    if not preempted:
+      state = obj.finalize(state)
+      checkpointer.wait()
+      if checkpointer.latest_step() == step:
+        # Resumed at the last step (or preempted there): rewrite it with the finalized state.
+        checkpointer.manager.delete(step)
+      checkpointer.save(step, state, data_iter, config_json, force=True)
+      checkpointer.wait()
+      if config.eval_at_end:
+        eval_results = obj.evaluate(state, step=step, workdir=workdir, writer=writer, final=True)
+  finally:
+    if progress is not None:
+      progress.close()
+    preempt.uninstall()
+    checkpointer.close()
+    writer.flush()
+  return dict(step=step, metrics=last_metrics, eval=eval_results, preempted=preempted,
+              workdir=workdir)
+
+
+def _flat_config(config, prefix="") -> dict:
+  out = {}
+  for k, v in config.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat_config(v, key + "."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[key] = v
+  return out

@@ -1,0 +1,164 @@
+"""VAE objective (paper sec. 3.5): reconstruction + KL on the shared loop.
+
+After training, the per-channel latent shift and scale are measured on data and stored in the
+checkpoint's ``frozen`` part; every later stage (diffusion, sampling, export) reads them from
+there so latents reach the UNet with zero mean and unit variance per channel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from md_jax.data import pipeline
+from md_jax.models import vae as vae_lib
+from md_jax.train import loop
+from md_jax.train import sharding as shd
+from md_jax.train.state import ModelSpec
+from md_jax.evaluators import samples as images_lib
+
+
+def compute_dtype(config):
+  return jnp.dtype(config.compute_dtype)
+
+
+def vae_spec(config) -> ModelSpec:
+  return ModelSpec("vae", lambda rngs: vae_lib.VAE(config.vae, rngs=rngs,
+                                                    dtype=compute_dtype(config)))
+
+
+def latent_stats_spec(config):
+  c = int(config.vae.latent_channels)
+  abstract = dict(latent_shift=jax.ShapeDtypeStruct((c,), jnp.float32),
+                  latent_scale=jax.ShapeDtypeStruct((c,), jnp.float32))
+  return abstract, dict(latent_shift=None, latent_scale=None)
+
+
+def make_data_iterator(config, process_index, process_count, *, split="train", seed_offset=0,
+                       image_size=None, caption_dropout=None):
+  tokenizer = pipeline.load_tokenizer(config.text.tokenizer_dir)
+  return pipeline.make_shapes_iterator(
+      split=split,
+      image_size=int(image_size or config.data.image_size),
+      global_batch_size=int(config.global_batch_size),
+      process_index=process_index,
+      process_count=process_count,
+      seed=int(config.data.seed) + seed_offset,
+      tokenizer=tokenizer,
+      max_length=int(config.data.max_length),
+      num_records=int(config.data.num_records),
+      caption_dropout=float(config.data.caption_dropout if caption_dropout is None
+                            else caption_dropout),
+  )
+
+
+@loop.register("vae")
+class VAEObjective(loop.Objective):
+  """L2 reconstruction + KL. (Perceptual and adversarial terms belong to the VAE issue.)"""
+
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh)
+    self.spec = vae_spec(config)
+
+  @property
+  def trainable(self):
+    return {"vae": self.spec}
+
+  def frozen_spec(self):
+    return latent_stats_spec(self.config)
+
+  def init_frozen(self, shardings):
+    c = int(self.config.vae.latent_channels)
+    return jax.device_put(dict(latent_shift=np.zeros((c,), np.float32),
+                               latent_scale=np.ones((c,), np.float32)), shardings)
+
+  def data_iterator(self, process_index, process_count):
+    return make_data_iterator(self.config, process_index, process_count, caption_dropout=0.0)
+
+  def host_batch(self, element):
+    return {"image": np.asarray(element["image"], np.float32)}
+
+  def loss(self, params, frozen, batch, rng, step):
+    model = self.spec.bind(params["vae"])
+    x = batch["image"]
+    recon, mean, logvar = model(x, rng)
+    recon = recon.astype(jnp.float32)
+    mse = jnp.mean(jnp.square(recon - x))
+    kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar,
+                                axis=(1, 2, 3)))
+    loss = mse + float(self.config.vae.kl_weight) * kl
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # images span [-1, 1]
+    return loss, dict(mse=mse, kl=kl, psnr=psnr)
+
+  # -- after training ------------------------------------------------------------------------
+  def _params_for_eval(self, state):
+    return state["ema_params"] if state.get("ema_params") is not None else state["params"]
+
+  def finalize(self, state):
+    """Measures per-channel latent mean/std on fresh data and stores them in ``frozen``."""
+    cfg = self.config
+    it = make_data_iterator(cfg, jax.process_index(), jax.process_count(), split="eval",
+                            seed_offset=7919, caption_dropout=0.0)
+    spec = self.spec
+    mesh = self.mesh
+
+    @jax.jit
+    def moments(params, x):
+      mean, logvar = spec.bind(params["vae"]).encode(x)
+      z = mean.astype(jnp.float32)
+      return jnp.mean(z, axis=(0, 1, 2)), jnp.mean(jnp.square(z), axis=(0, 1, 2))
+
+    params = self._params_for_eval(state)
+    m1, m2 = [], []
+    for _ in range(int(cfg.vae.stats_batches)):
+      el = next(it)
+      x = shd.global_batch_from_local({"image": np.asarray(el["image"], np.float32)}, mesh)
+      a, b = moments(params, x["image"])
+      m1.append(np.asarray(a))
+      m2.append(np.asarray(b))
+    mu = np.mean(m1, axis=0)
+    var = np.maximum(np.mean(m2, axis=0) - mu ** 2, 1e-8)
+    stats = dict(latent_shift=mu.astype(np.float32), latent_scale=np.sqrt(var).astype(np.float32))
+    logging.info("latent shift %s scale %s", np.round(mu, 3), np.round(np.sqrt(var), 3))
+    state = dict(state)
+    state["frozen"] = jax.device_put(stats, jax.tree.map(lambda a: a.sharding, state["frozen"]))
+    return state
+
+  def evaluate(self, state, *, step, workdir, writer, final):
+    """Reconstruction PSNR on held-out images and a grid of (input, reconstruction) pairs."""
+    cfg = self.config
+    it = make_data_iterator(cfg, jax.process_index(), jax.process_count(), split="eval",
+                            seed_offset=104729, caption_dropout=0.0)
+    spec = self.spec
+
+    @jax.jit
+    def recon(params, x):
+      model = spec.bind(params["vae"])
+      mean, _ = model.encode(x)
+      return model.decode(mean).astype(jnp.float32)
+
+    params = self._params_for_eval(state)
+    el = next(it)
+    x = shd.global_batch_from_local({"image": np.asarray(el["image"], np.float32)}, self.mesh)
+    y = recon(params, x["image"])
+    x_host = images_lib.gather_to_host(x["image"])
+    y_host = images_lib.gather_to_host(y)
+    mse = float(np.mean((np.clip(y_host, -1, 1) - x_host) ** 2))
+    psnr = float(10 * np.log10(4.0 / max(mse, 1e-10)))
+    results = {"eval/recon_psnr": psnr, "eval/recon_mse": mse}
+    if jax.process_index() == 0:
+      n = min(16, x_host.shape[0])
+      pairs = np.concatenate([x_host[:n], y_host[:n]], axis=0)
+      grid = images_lib.make_grid(images_lib.to_uint8(pairs), columns=n)
+      path = images_lib.save_png(grid, os.path.join(workdir, "samples", f"vae_step_{step}.png"))
+      writer.write_images(step, {"vae/reconstructions": grid[None]})
+      writer.write_scalars(step, results)
+      with open(os.path.join(workdir, "eval_vae.json" if final else f"eval_vae_{step}.json"),
+                "w") as f:
+        json.dump(dict(step=step, grid=path, **results), f, indent=1)
+    return results

@@ -1,0 +1,55 @@
+"""Shared test setup: CPU only, a persistent compilation cache, helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("MD_JAX_COMPILATION_CACHE", os.path.join(REPO, ".cache", "jax"))
+
+
+def cli_env(**extra) -> dict:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def run_module(module: str, *args, env=None, timeout=900, check=False):
+  """Runs ``python -m module args`` from the repo root; returns CompletedProcess."""
+  cmd = [sys.executable, "-m", module, *args]
+  proc = subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def tiny_config(stage: str = "vae", **overrides):
+  from md_jax import config_loading  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(f"configs/shapes.py:{stage},tiny")
+  with config.unlocked():
+    config.progress_bar = False
+    config.compilation_cache_dir = os.environ["MD_JAX_COMPILATION_CACHE"]
+    for key, value in overrides.items():
+      node = config
+      parts = key.split(".")
+      for p in parts[:-1]:
+        node = node[p]
+      node[parts[-1]] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def vae_workdir(tmp_path_factory):
+  """A tiny trained VAE run that diffusion tests read latents through."""
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("vae"))
+  loop.train_and_evaluate(tiny_config("vae", eval_at_end=False), workdir)
+  return workdir

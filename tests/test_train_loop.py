@@ -1,0 +1,184 @@
+"""The shared loop: config errors, workdir errors, resume after SIGKILL, SIGTERM, NaN, mismatch."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_env, run_module, tiny_config
+from md_jax.train import checkpoint as ckpt_lib
+from md_jax.train import loop
+
+
+def _params(workdir, step=None):
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  config = tiny_config("vae")
+  spec = vae_obj.vae_spec(config)
+  got, step = ckpt_lib.restore_subset(
+      workdir, {"params": {"vae": spec.abstract_params}, "ema_params": {"vae": spec.abstract_params}},
+      step)
+  return got, step
+
+
+def _data_state(workdir, step):
+  files = sorted(glob.glob(os.path.join(workdir, "checkpoints", str(step), "data", "*")))
+  states = []
+  for f in files:
+    try:
+      states.append(json.loads(open(f).read()))
+    except ValueError:  # orbax's commit marker, not iterator state
+      continue
+  assert states, f"no data iterator state saved at step {step}"
+  return states
+
+
+def test_unknown_config_key_fails_before_any_work(tmp_path):
+  workdir = tmp_path / "w"
+  proc = run_module("md_jax.main", "--config=configs/shapes.py:vae,tiny", f"--workdir={workdir}",
+                    "--config.optim.learnig_rate=0.1", timeout=300)
+  assert proc.returncode != 0
+  assert "learnig_rate" in proc.stderr
+  assert not workdir.exists(), "nothing should be created for a bad config"
+
+
+def test_bad_config_value_names_the_key(tmp_path):
+  config = tiny_config("vae")
+  with config.unlocked():
+    config.optim.schedule = "cosin"
+  with pytest.raises(ValueError, match="config.optim.schedule"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_workdir_that_is_a_file_fails(tmp_path):
+  f = tmp_path / "file"
+  f.write_text("x")
+  with pytest.raises(loop.WorkdirError, match="not a directory"):
+    loop.prepare_workdir(str(f))
+
+
+def test_unwritable_workdir_fails_with_one_line(tmp_path):
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  os.chmod(locked, 0o500)
+  target = str(locked / "run")
+  code = ("import sys; from md_jax.train import loop\n"
+          "try:\n  loop.prepare_workdir(sys.argv[1])\n"
+          "except loop.WorkdirError as e:\n  print(e); sys.exit(3)\n")
+  cmd = [sys.executable, "-c", code, target]
+  if os.geteuid() == 0:
+    # Root ignores permission bits: drop to an unprivileged user to see what a user sees.
+    if shutil.which("setpriv") is None:
+      pytest.skip("running as root without setpriv")
+    os.chmod(tmp_path, 0o755)
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+  proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  message = proc.stdout.strip()
+  assert "\n" not in message and "--workdir" in message and "run" in message
+
+
+def test_checkpoint_of_another_model_shape_fails_clearly(tmp_path):
+  workdir = str(tmp_path / "w")
+  loop.train_and_evaluate(tiny_config("vae", num_train_steps=2, eval_at_end=False), workdir)
+  other = tiny_config("vae", eval_at_end=False)
+  with other.unlocked():
+    other.vae.channels = (8, 16, 24, 24)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as err:
+    loop.train_and_evaluate(other, workdir)
+  message = str(err.value)
+  assert "\n" not in message
+  assert "another model" in message and workdir in message
+
+
+def test_nan_stops_run_and_last_good_checkpoint_restores(tmp_path):
+  workdir = str(tmp_path / "w")
+  config = tiny_config("vae", num_train_steps=8, eval_at_end=False)
+  with config.unlocked():
+    config.debug.inject_nan_at_step = 4  # the 5th step
+    config.checkpoint.every = 2
+    config.checkpoint.async_save = False
+  with pytest.raises(loop.NonFiniteLossError, match="step 5") as err:
+    loop.train_and_evaluate(config, workdir)
+  assert "\n" not in str(err.value)
+  assert ckpt_lib.latest_step_in(workdir) == 4
+  got, step = _params(workdir)
+  assert step == 4
+  leaves = jax.tree.leaves(got)
+  assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+  # The run resumes from it once the cause is gone.
+  with config.unlocked():
+    config.debug.inject_nan_at_step = -1
+  result = loop.train_and_evaluate(config, workdir)
+  assert result["step"] == 8
+
+
+def _main_args(workdir, steps, every, sleep=0.0):
+  return ["--config=configs/shapes.py:vae,tiny", f"--workdir={workdir}",
+          f"--config.num_train_steps={steps}", f"--config.checkpoint.every={every}",
+          "--config.eval_at_end=False", f"--config.debug.step_sleep_s={sleep}"]
+
+
+def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
+  steps = 8
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  run_module("md_jax.main", *_main_args(straight, steps, 2), check=True)
+
+  cmd = [sys.executable, "-m", "md_jax.main", *_main_args(killed, steps, 2, sleep=1.0)]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  try:
+    while time.time() < deadline:
+      if ckpt_lib.latest_step_in(killed) in (2, 4):
+        break
+      if proc.poll() is not None:
+        pytest.fail("run ended before it could be killed")
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up, as a crash or OOM kill
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  interrupted_at = ckpt_lib.latest_step_in(killed)
+  assert interrupted_at is not None and interrupted_at < steps
+  run_module("md_jax.main", *_main_args(killed, steps, 2), check=True)
+
+  a, step_a = _params(straight)
+  b, step_b = _params(killed)
+  assert step_a == step_b == steps
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  assert _data_state(straight, steps) == _data_state(killed, steps)
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+  workdir = str(tmp_path / "w")
+  cmd = [sys.executable, "-m", "md_jax.main", *_main_args(workdir, 40, 1000, sleep=0.5)]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if os.path.isdir(os.path.join(workdir, "tensorboard")) and glob.glob(
+        os.path.join(workdir, "tensorboard", "*")):
+      break
+    time.sleep(0.2)
+  time.sleep(4.0)  # well inside the loop
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["preempted"] is True
+  saved = ckpt_lib.latest_step_in(workdir)
+  assert saved == summary["step"] and 0 < saved < 40
+  proc = run_module("md_jax.main", *_main_args(workdir, saved + 2, 1000), check=True)
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == saved + 2
