@@ -20,6 +20,9 @@ import os
 import ml_collections
 
 from md_jax import config_base
+from md_jax.models import text_encoder
+from md_jax.models import unet as unet_lib
+from md_jax.models import vae as vae_lib
 
 _TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "md_jax", "assets", "shapes_tokenizer")
@@ -60,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # seeded random init, as the paper freezes CLIP: distinct words still give distinct, position-
   # aware features the UNet's cross-attention learns to read, and freezing keeps embeddings
   # cacheable exactly as with the real encoder.
-  c.text = ml_collections.ConfigDict(dict(
+  c.text = text_encoder.default_config()  # CLIP's field names; the sizes below shrink it
+  c.text.update(dict(
       tokenizer_dir=_TOKENIZER_DIR,
       vocab_size=_vocab_size(),
       hidden_size=64,
@@ -68,46 +72,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_hidden_layers=2,
       num_attention_heads=4,
       max_position_embeddings=16,
-      layer_norm_eps=1e-5,
       eos_token_id=-1,  # -1: read from the tokenizer
-      hidden_act="quick_gelu",
       frozen=True,
       seed=1234,
   ))
 
-  c.vae = ml_collections.ConfigDict(dict(
-      channels=(32, 64, 96, 96),  # 4 levels: f = 2**3 = 8, as the paper's VAE
+  c.vae = vae_lib.default_config()
+  c.vae.update(dict(
+      channels=(16, 32, 64, 64),  # 4 levels: f = 2**3 = 8, as the paper's VAE
       num_res_blocks=1,
-      latent_channels=8,  # paper sec. 3.5: c=8
       norm_groups=8,
       mid_attention=False,
-      decoder_channels=None,
-      decoder_res_blocks=None,
+      decoder_channels=None,  # None: as `channels`
+      decoder_res_blocks=1,
+      train_crop=32,  # fully convolutional: train on 32px crops of 64px images, 4x cheaper
+      recon_loss="l2",  # paper: L2 (+ KL, perceptual, adversarial: the VAE issue adds those)
+      grad_loss_weight=0.0,  # weight of an image-gradient L1 term that keeps edges sharp
       kl_weight=1e-6,
       stats_batches=8,  # batches used for the per-channel latent shift/scale after training
   ))
 
-  c.unet = ml_collections.ConfigDict(dict(
-      in_channels=8,
-      out_channels=8,
+  # The MD UNet's structure (Table 6 block pattern) at shapes size.
+  c.unet = unet_lib.default_config("md")
+  c.unet.update(dict(
       context_dim=64,
       channels=(64, 128, 192),
-      down_blocks=(1, 1, 2),
-      up_blocks=(2, 2, 3),
-      down_conv=("full", "full", "sep"),
-      up_conv=("full", "full", "sep"),
       down_depth=(0, 1, 1),
       up_depth=(0, 1, 1),
-      self_attn=(False, False, True),
       head_dim=32,
-      ff_mult=3,
-      ff_activation="swish",
-      shared_kv=True,
-      attention="softmax",
-      sep_expansion=4,
       norm_groups=16,
       time_embed_dim=256,
-      remat=False,
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-_NOISY = ("/orbax/", "/grain/", "/clu/metric_writers/", "/tensorstore")
+_NOISY = ("/orbax/", "/grain/", "/tensorstore")
 
 
 class _LibraryInfoFilter(logging.Filter):

@@ -27,12 +27,15 @@ def _build(ctor, cfg, seed=0, **kw):
 
   def draw(path, x):
     name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    # numpy, then one device_put: jnp.ones/zeros would compile a broadcast per shape.
     if name == "scale":
-      return jnp.ones(x.shape, x.dtype)
-    if name == "bias":
-      return jnp.zeros(x.shape, x.dtype)
-    std = 1 / math.sqrt(math.prod(x.shape[:-1])) if name == "kernel" else 0.02
-    return jnp.asarray(std * rng.standard_normal(x.shape), x.dtype)
+      value = np.ones(x.shape)
+    elif name == "bias":
+      value = np.zeros(x.shape)
+    else:
+      std = 1 / math.sqrt(math.prod(x.shape[:-1])) if name == "kernel" else 0.02
+      value = std * rng.standard_normal(x.shape)
+    return jnp.asarray(value.astype(x.dtype))
 
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
 
@@ -57,10 +60,10 @@ def _abstract(ctor, cfg, **kw):
 
 
 def _unet_inputs(cfg, batch=2, size=8, length=5):
-  k1, k2 = jax.random.split(jax.random.key(1))
-  x = jax.random.normal(k1, (batch, size, size, cfg.in_channels))
-  t = jnp.linspace(0.0, 999.0, batch)
-  ctx = jax.random.normal(k2, (batch, length, cfg.context_dim))
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((batch, size, size, cfg.in_channels)).astype(np.float32)
+  t = np.linspace(0.0, 999.0, batch).astype(np.float32)
+  ctx = rng.standard_normal((batch, length, cfg.context_dim)).astype(np.float32)
   return x, t, ctx
 
 
@@ -205,21 +208,23 @@ def test_relu_and_softmax_attention_share_param_tree():
 
 def test_relu_attention_matches_definition():
   from md_jax.models.attention import dot_product_attention
-  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-  q = jax.random.normal(kq, (1, 3, 2, 4))
-  k = jax.random.normal(kk, (1, 7, 2, 4))
-  v = jax.random.normal(kv, (1, 7, 2, 4))
-  out = dot_product_attention(q, k, v, kind="relu")
-  w = jax.nn.relu(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0) / 7.0
-  np.testing.assert_allclose(out, jnp.einsum("bhqk,bkhd->bqhd", w, v), rtol=1e-5, atol=1e-6)
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 3, 2, 4), (1, 7, 2, 4),
+                                                                  (1, 7, 2, 4)))
+  def both(q, k, v):
+    w = jax.nn.relu(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0) / 7.0
+    return dot_product_attention(q, k, v, kind="relu"), jnp.einsum("bhqk,bkhd->bqhd", w, v)
+  out, ref = _jit(both)(q, k, v)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_unet_bf16_compute_traces():
-  cfg = unet_lib.tiny_config()
+  cfg = _micro_config()
   model = _abstract(unet_lib.UNet, cfg, dtype=jnp.bfloat16)
   graphdef, state = nnx.split(model)
   out = jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, *_unet_inputs(cfg))
   assert out.dtype == jnp.float32 and out.shape == (2, 8, 8, cfg.out_channels)
+  assert jax.tree.leaves(state)[0].dtype == jnp.float32  # params stay float32
 
 
 def _pure(model, method=None):
@@ -241,7 +246,7 @@ def test_unet_export_safe():
 
 
 def test_unet_export_safe_with_remat():
-  cfg = unet_lib.tiny_config()
+  cfg = _micro_config()
   cfg.remat = True
   fn, state = _pure(_abstract(unet_lib.UNet, cfg))
   assert check_jaxpr(fn, state, *_unet_inputs(cfg, batch=1)) == []
@@ -261,11 +266,11 @@ def test_checker_catches_rank5_and_gather():
 def test_group_norm_matches_reference():
   with nnx.use_eager_sharding(False):
     gn = GroupNorm(8, num_groups=2, eps=1e-5, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8)) * 3 + 1
-  xg = np.asarray(x).reshape(2, 15, 2, 4)
+  x = np.random.default_rng(0).standard_normal((2, 3, 5, 8)).astype(np.float32) * 3 + 1
+  xg = x.reshape(2, 15, 2, 4)
   ref = (xg - xg.mean(axis=(1, 3), keepdims=True)) / np.sqrt(
       xg.var(axis=(1, 3), keepdims=True) + 1e-5)
-  np.testing.assert_allclose(gn(x), ref.reshape(x.shape), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(_jit(gn)(x), ref.reshape(x.shape), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -274,7 +279,7 @@ def test_group_norm_matches_reference():
 def test_vae_shapes_and_light_decoder():
   cfg = vae_lib.tiny_config()
   vae = _build(vae_lib.VAE, cfg)
-  x = jax.random.uniform(jax.random.key(0), (1, 16, 16, 3), minval=-1, maxval=1)
+  x = np.random.default_rng(0).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
   graphdef, state = nnx.split(vae)
   recon, mean, logvar = _jit(lambda s, x, r: nnx.merge(graphdef, s)(x, r))(
       state, x, jax.random.key(1))
@@ -370,3 +375,10 @@ def test_default_text_encoder_param_count():
   n = count_params(_abstract(te.CLIPTextTransformer, te.default_config()))
   # CLIP ViT-L/14's text tower has 123,060,480 parameters.
   assert n == 123_060_480
+
+
+def test_text_encoder_only_gather_is_token_lookup():
+  cfg = te.tiny_config()
+  fn, state = _pure(_abstract(te.CLIPTextTransformer, cfg))
+  problems = check_jaxpr(fn, state, jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
+  assert len(problems) == 1 and "gather" in problems[0], problems

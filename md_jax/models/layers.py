@@ -10,6 +10,9 @@ TFLite's GPU delegate (DESIGN 6).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import math
 from typing import Callable, Sequence
 
@@ -95,6 +98,63 @@ class Dense(nnx.Module):
     return y
 
 
+def _xla_conv(x: Array, w: Array, stride: int) -> Array:
+  return jax.lax.conv_general_dilated(x, w, window_strides=(stride, stride), padding="SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _same_pads(n: int, k: int, s: int) -> tuple[int, int, int]:
+  out = -(-n // s)
+  total = max((out - 1) * s + k - n, 0)
+  return out, total // 2, total - total // 2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_matmul_wgrad(x: Array, w: Array, stride: int) -> Array:
+  return _xla_conv(x, w, stride)
+
+
+def _conv_fwd(x, w, stride):
+  return _xla_conv(x, w, stride), (x, w)
+
+
+def _conv_bwd(stride, res, g):
+  # XLA:CPU lowers the kernel gradient of a convolution to a slow generic loop (measured 4-10x
+  # slower than the forward conv on 2 cores); one matmul per kernel tap runs at matmul speed.
+  # The input gradient stays XLA's own transposed convolution, which is fast.
+  x, w = res
+  _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, w, stride), x)
+  (dx,) = vjp_x(g)
+  kh, kw, cin, cout = w.shape
+  b, h, wd, c = x.shape
+  ho, ph0, ph1 = _same_pads(h, kh, stride)
+  wo, pw0, pw1 = _same_pads(wd, kw, stride)
+  xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+  g2 = g.reshape(-1, cout)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      xs = jax.lax.slice(xp, (0, i, j, 0),
+                         (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                         (1, stride, stride, 1))
+      taps.append(jnp.dot(xs.reshape(-1, c).T, g2, preferred_element_type=jnp.float32))
+  dw = jnp.stack(taps).reshape(kh, kw, cin, cout)
+  return dx, dw.astype(w.dtype)
+
+
+_conv_matmul_wgrad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d(x: Array, w: Array, stride: int = 1) -> Array:
+  """SAME-padded NHWC conv. Forward is always the plain convolution (what export sees); on CPU
+  the kernel gradient is computed as per-tap matmuls (MD_JAX_CONV_WGRAD=xla|matmul overrides)."""
+  mode = os.environ.get("MD_JAX_CONV_WGRAD", "auto")
+  use_matmul = mode == "matmul" or (mode == "auto" and jax.default_backend() == "cpu")
+  if use_matmul:
+    return _conv_matmul_wgrad(x, w, stride)
+  return _xla_conv(x, w, stride)
+
+
 class Conv2d(nnx.Module):
   """2-D convolution, NHWC input and HWIO kernel.
 
@@ -118,9 +178,7 @@ class Conv2d(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-        x, self.kernel[...].astype(self.dtype), window_strides=(self.stride, self.stride),
-        padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv2d(x, self.kernel[...].astype(self.dtype), self.stride)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

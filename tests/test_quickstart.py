@@ -1,0 +1,70 @@
+"""The embedded end-to-end chain (smoke size) and the sampling CLI on its result."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_module
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("quickstart"))
+  proc = run_module("md_jax.quickstart", f"--workdir={workdir}", "--size=smoke", timeout=2400)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return workdir, proc
+
+
+@pytest.mark.slow
+def test_smoke_chain_trains_samples_and_judges(smoke_run):
+  workdir, proc = smoke_run
+  with open(os.path.join(workdir, "quickstart.json")) as f:
+    summary = json.load(f)
+  assert set(summary["seconds"]) == {"vae", "lowres", "highres"}
+  ev = summary["eval"]
+  assert ev["sampler"] == "ddim" and ev["num_samples"] == 32
+  scores = ev["scores"]
+  for key in ("colour", "shape", "position", "all"):
+    assert 0.0 <= scores[key] <= 1.0
+    assert len(scores[key + "_ci"]) == 2
+  assert scores["seen"]["n"] + scores["held_out"]["n"] == 32
+  assert os.path.exists(ev["grid"])
+  assert "eval/recon_psnr" in summary["vae"]
+  # The high-res stage started from the low-res one and from the VAE's latent statistics.
+  assert "[quickstart] stage highres" in proc.stdout
+
+
+@pytest.mark.slow
+def test_rerun_resumes_instead_of_retraining(smoke_run):
+  workdir, _ = smoke_run
+  proc = run_module("md_jax.quickstart", f"--workdir={workdir}", "--size=smoke", timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(workdir, "quickstart.json")) as f:
+    summary = json.load(f)
+  # Nothing left to train: each stage only finalises and evaluates.
+  assert summary["seconds"]["vae"] < 120
+
+
+@pytest.mark.slow
+def test_sample_cli_writes_pngs(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  out = tmp_path / "samples"
+  proc = run_module("md_jax.sample", f"--workdir={os.path.join(workdir, 'highres')}",
+                    "--steps=4", "--num_per_prompt=2", f"--out={out}",
+                    "a red circle in the top left corner", "a blue square at the bottom",
+                    timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  pngs = [f for f in result["files"] if f.endswith(".png")]
+  assert len(pngs) == 5  # 2 prompts x 2 + grid
+  for f in pngs:
+    assert os.path.getsize(f) > 100
+
+
+def test_sample_cli_rejects_a_vae_workdir(vae_workdir):
+  proc = run_module("md_jax.sample", f"--workdir={vae_workdir}", "a red circle", timeout=600)
+  assert proc.returncode == 1
+  assert "diffusion run" in proc.stderr
