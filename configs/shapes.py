@@ -131,17 +131,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ema_decay = 0.999
   c.checkpoint.every = 250
 
+  # Step counts fit the whole chain in ~20 minutes on a 2-core CPU (see README).
   if stage == "vae":
-    c.num_train_steps = 1200
-    c.global_batch_size = 32
-    c.optim.learning_rate = 2e-3
+    c.num_train_steps = 800
+    c.global_batch_size = 16
+    c.optim.learning_rate = 3e-3
     c.sample.num_eval_samples = 64
   elif stage == "lowres":
-    c.num_train_steps = 1500
-    c.global_batch_size = 64
+    c.num_train_steps = 500
+    c.global_batch_size = 32
   else:
-    c.num_train_steps = 1500
-    c.global_batch_size = 64
+    c.num_train_steps = 500
+    c.global_batch_size = 32
 
   if size == "smoke":
     c.num_train_steps = 40

@@ -182,7 +182,7 @@ def _reject(reason: str, detected=None) -> dict:
               reason=reason)
 
 
-def analyse(image: np.ndarray) -> dict:
+def analyse(image: np.ndarray, require_sharp: bool = True) -> dict:
   """Detects the single object of an image.
 
   Returns dict(ok, reason, and when ok: colour, shape, position names plus
@@ -247,7 +247,7 @@ def analyse(image: np.ndarray) -> dict:
   detected = dict(
       hue=round(hue, 3), chroma=round(chroma, 4), area=round(area / (h * w), 5),
       centroid=(round(cy / h, 5), round(cx / w, 5)), edge_width=round(edge_width, 4))
-  if edge_width > EDGE_WIDTH_MAX_64:
+  if require_sharp and edge_width > EDGE_WIDTH_MAX_64:
     return dict(ok=False, reason="object not sharp", **detected)
 
   sel = region
@@ -256,7 +256,7 @@ def analyse(image: np.ndarray) -> dict:
   shape = min(SHAPES, key=lambda s: errors[s])
   detected.update(fit_error=round(errors[shape], 4),
                   fit_errors={s: round(errors[s], 4) for s in SHAPES})
-  if errors[shape] > FIT_ERROR_MAX:
+  if require_sharp and errors[shape] > FIT_ERROR_MAX:
     return dict(ok=False, reason="shape not recognised", **detected)
   row = min(2, max(0, int(3 * cy / h)))
   col = min(2, max(0, int(3 * cx / w)))
@@ -264,15 +264,17 @@ def analyse(image: np.ndarray) -> dict:
               position=POSITIONS[3 * row + col], **detected)
 
 
-def judge(image: np.ndarray, prompt: str) -> dict:
+def judge(image: np.ndarray, prompt: str, require_sharp: bool = True) -> dict:
   """dict(colour, shape, position: bool, detected: dict | None, reason: str).
 
   detected holds the analysis (names and diagnostics) or None when the image
   was rejected before an object was found; a rejected image is wrong on all
-  three attributes.
+  three attributes. ``require_sharp=False`` is a diagnostic only (it never replaces the
+  official score): it skips the sharpness and template-fit checks, to tell how close blurry
+  samples are to the right attributes.
   """
   want = parse_prompt(prompt)
-  found = analyse(image)
+  found = analyse(image, require_sharp=require_sharp)
   if not found["ok"]:
     diag = {k: v for k, v in found.items() if k not in ("ok", "reason")}
     return _reject(found["reason"], diag or None)
@@ -315,7 +317,7 @@ def _summarise(results: Sequence[dict]) -> dict:
 
 
 def score(images: Sequence[np.ndarray], prompts: Sequence[str],
-          held_out: Sequence[bool] | None = None) -> dict:
+          held_out: Sequence[bool] | None = None, require_sharp: bool = True) -> dict:
   """Accuracies with 95% Wilson intervals over a set of (image, prompt) pairs.
 
   Returns dict(n, colour, shape, position, all (all three right), each with a
@@ -326,7 +328,7 @@ def score(images: Sequence[np.ndarray], prompts: Sequence[str],
   prompts = list(prompts)
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-  results = [judge(im, p) for im, p in zip(images, prompts)]
+  results = [judge(im, p, require_sharp=require_sharp) for im, p in zip(images, prompts)]
   out = _summarise(results)
   if held_out is not None:
     held_out = [bool(h) for h in held_out]

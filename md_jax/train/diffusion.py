@@ -231,7 +231,10 @@ class DiffusionObjective(loop.Objective):
     results = {}
     if jax.process_index() == 0:
       scores = shapes_judge.score(list(images), prompts, held_out=held)
+      # Diagnostic only: the same samples with the judge's sharpness check off.
+      lenient = shapes_judge.score(list(images), prompts, held_out=held, require_sharp=False)
       results = _flatten_scores(scores)
+      results.update(_flatten_scores(lenient, "diagnostic_unsharp/"))
       grid = samples_lib.make_grid(images, columns=int(cfg.sample.grid_columns))
       tag = "final" if final else f"step_{step}"
       grid_path = samples_lib.save_png(grid, os.path.join(workdir, "samples", f"{tag}.png"))
@@ -240,7 +243,8 @@ class DiffusionObjective(loop.Objective):
                                   if isinstance(v, (int, float))})
       report = dict(step=step, sampler="ddim", num_steps=int(cfg.sample.num_steps),
                     guidance_scale=float(cfg.sample.guidance_scale), num_samples=len(prompts),
-                    grid=grid_path, scores=scores, chance=shapes_judge.chance())
+                    grid=grid_path, scores=scores, chance=shapes_judge.chance(),
+                    diagnostic_scores_without_sharpness_check=lenient)
       name = "eval.json" if final else f"eval_step_{step}.json"
       with open(os.path.join(workdir, name), "w") as f:
         json.dump(report, f, indent=1, default=_json_default)

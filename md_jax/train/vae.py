@@ -201,9 +201,16 @@ class VAEObjective(loop.Objective):
     results = {"eval/recon_psnr": psnr, "eval/recon_mse": mse}
     if jax.process_index() == 0:
       recon_u8 = images_lib.to_uint8(y_host)
-      judged = shapes_judge.score(list(recon_u8), [r["caption"] for r in records])
+      captions = [r["caption"] for r in records]
+      judged = shapes_judge.score(list(recon_u8), captions)
+      lenient = shapes_judge.score(list(recon_u8), captions, require_sharp=False)
+      edges = [(shapes_judge.analyse(im, require_sharp=False).get("edge_width")) for im in recon_u8]
+      edges = [e for e in edges if e is not None]
       for key in ("colour", "shape", "position", "all", "rejected"):
         results[f"eval/recon_judge_{key}"] = float(judged[key])
+        results[f"eval/recon_judge_unsharp_{key}"] = float(lenient[key])
+      if edges:
+        results["eval/recon_edge_width_median"] = float(np.median(edges))
       k = min(16, n)
       pairs = np.concatenate([images_lib.to_uint8(images[:k]), recon_u8[:k]], axis=0)
       grid = images_lib.make_grid(pairs, columns=k)
