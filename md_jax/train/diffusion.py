@@ -24,6 +24,7 @@ from md_jax.diffusion import schedule as sch
 from md_jax.evaluators import samples as samples_lib
 from md_jax.models import text_encoder as text_lib
 from md_jax.models import unet as unet_lib
+from md_jax.models import vae as vae_lib
 from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import loop
 from md_jax.train import sharding as shd
@@ -88,7 +89,7 @@ class LatentDiffusion:
     return lambda x, t, ctx: model(x, t, ctx)
 
   def latent_shape(self, image_size: int):
-    f = 2 ** (len(self.config.vae.channels) - 1)
+    f = vae_lib.downsample_factor(self.config.vae)
     return (image_size // f, image_size // f, int(self.config.vae.latent_channels))
 
   def sample(self, unet_params, frozen, input_ids, null_ids, noise, *, num_steps, guidance_scale,

@@ -110,7 +110,7 @@ class VAEObjective(loop.Objective):
     model = self.spec.bind(params["vae"])
     crop_rng, rng = jax.random.split(rng)
     x = random_crop(batch["image"], int(self.config.vae.get("train_crop", 0) or 0),
-                    2 ** (len(self.config.vae.channels) - 1), crop_rng)
+                    vae_lib.downsample_factor(self.config.vae), crop_rng)
     recon, mean, logvar = model(x, rng)
     recon = recon.astype(jnp.float32)
     mse = jnp.mean(jnp.square(recon - x))
