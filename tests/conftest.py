@@ -11,13 +11,25 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MD_JAX_COMPILATION_CACHE", os.path.join(REPO, ".cache", "jax"))
+# Test programs run a handful of steps, so XLA:CPU's backend optimisation (about half of every
+# compile) never pays off: compile them unoptimised. Results agree to float rounding; only the
+# generated loops are slower, which at test sizes is noise. Real runs keep the defaults.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
 
-def cli_env(**extra) -> dict:
+def cli_env(fast_compile: bool = True, **extra) -> dict:
+  """The environment for a CLI subprocess; ``fast_compile=False`` for runs of real-size models
+  long enough that optimised code pays for its compile time (the smoke chain)."""
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env.update({k: str(v) for k, v in extra.items()})
+  if "XLA_FLAGS" in extra and FAST_COMPILE not in env["XLA_FLAGS"]:
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {FAST_COMPILE}"
+  if not fast_compile:
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(FAST_COMPILE, "").strip()
   return env
 
 

@@ -7,13 +7,14 @@ import os
 
 import pytest
 
-from conftest import run_module
+from conftest import cli_env, run_module
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("quickstart"))
-  proc = run_module("md_jax.quickstart", f"--workdir={workdir}", "--size=smoke", timeout=2400)
+  proc = run_module("md_jax.quickstart", f"--workdir={workdir}", "--size=smoke", timeout=2400,
+                    env=cli_env(fast_compile=False))
   assert proc.returncode == 0, proc.stderr[-5000:]
   return workdir, proc
 
@@ -40,7 +41,8 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
 @pytest.mark.slow
 def test_rerun_resumes_instead_of_retraining(smoke_run):
   workdir, _ = smoke_run
-  proc = run_module("md_jax.quickstart", f"--workdir={workdir}", "--size=smoke", timeout=1800)
+  proc = run_module("md_jax.quickstart", f"--workdir={workdir}", "--size=smoke", timeout=1800,
+                    env=cli_env(fast_compile=False))
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(os.path.join(workdir, "quickstart.json")) as f:
     summary = json.load(f)

@@ -29,6 +29,7 @@ from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import loop
 from md_jax.train import sharding as shd
 from md_jax.train import vae as vae_obj
+from md_jax.train import state as state_lib
 from md_jax.train.state import ModelSpec
 
 
@@ -177,7 +178,8 @@ class DiffusionObjective(loop.Objective):
           cfg.vae_workdir, {"params": {"vae": vae_abs}, "frozen": stats_abs})
       vae_params = got["params"]["vae"]
     logging.info("VAE from %s step %d", cfg.vae_workdir, step)
-    text_params = jax.jit(self.ld.text.init, out_shardings=shardings["text"])(
+    text_params = jax.jit(self.ld.text.init, out_shardings=shardings["text"],
+                          compiler_options=state_lib.init_compiler_options())(
         jax.random.key(int(cfg.text.seed)))
     return dict(text=text_params, vae=vae_params, latent_shift=got["frozen"]["latent_shift"],
                 latent_scale=got["frozen"]["latent_scale"])

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import optim
 from md_jax.train import sharding as shd
+from md_jax.train import state as state_lib
 from md_jax.train.state import ModelSpec
 
 
@@ -281,7 +282,9 @@ class Trainer:
                   ema_params=ema)
 
     out_sh = {k: v for k, v in self.state_shardings.items() if k != "frozen"}
-    state = jax.jit(make, out_shardings=out_sh)(jax.random.key(self.config.seed), init_from)
+    state = jax.jit(make, out_shardings=out_sh,
+                    compiler_options=state_lib.init_compiler_options())(
+                        jax.random.key(self.config.seed), init_from)
     state["frozen"] = obj.init_frozen(self.frozen_shardings)
     return state
 
