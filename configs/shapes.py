@@ -23,6 +23,7 @@ from md_jax import config_base
 from md_jax.models import text_encoder
 from md_jax.models import unet as unet_lib
 from md_jax.models import vae as vae_lib
+from md_jax.train import vae as vae_trainer
 
 _TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "md_jax", "assets", "shapes_tokenizer")
@@ -91,6 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       kl_weight=1e-6,
       stats_batches=8,  # batches used for the per-channel latent shift/scale after training
   ))
+  c.vae.adversarial = vae_trainer.default_adversarial_config()
+  c.vae.adversarial.update(dict(channels=(32, 64), norm_groups=8))
 
   # The MD UNet's structure (Table 6 block pattern) at shapes size.
   c.unet = unet_lib.default_config("md")

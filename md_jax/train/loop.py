@@ -10,6 +10,7 @@ several processes, a GPU or a TPU pod.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 import signal
@@ -43,6 +44,17 @@ class WorkdirError(RuntimeError):
 # Objectives
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One update inside the train step: ``loss(params, frozen, batch, rng, step)`` differentiated
+  with respect to ``groups`` (names of trainable modules), applied with each group's optimizer
+  when ``step % every == 0``."""
+  name: str
+  groups: tuple[str, ...]
+  loss: Callable[..., Any]
+  every: int = 1
+
+
 class Objective(abc.ABC):
   """What a trainer supplies to the loop."""
 
@@ -64,6 +76,24 @@ class Objective(abc.ABC):
   def init_frozen(self, shardings) -> dict:
     """Creates or loads the frozen arrays, placed with ``shardings``."""
     return {}
+
+  def optim_config(self, group: str) -> ml_collections.ConfigDict:
+    """Optimizer settings of one trainable group (each group has its own optimizer state)."""
+    return self.config.optim
+
+  def phases(self) -> list[Phase]:
+    """The updates one train step makes, in order; by default one loss over every group.
+
+    A GAN lists its discriminator phase before its generator phase: the generator's loss
+    then sees the discriminator as updated on the same batch. A phase that names several
+    groups takes one gradient of one loss for all of them (stop-gradients inside the loss
+    decide who learns from which term).
+    """
+    return [Phase("main", tuple(sorted(self.trainable)), self.loss)]
+
+  def ema_groups(self) -> tuple[str, ...]:
+    """Groups whose EMA is kept (a discriminator's EMA would only cost memory)."""
+    return tuple(sorted(self.trainable))
 
   def init_params(self, rng: jax.Array) -> dict:
     """Fresh trainable params (traced under jit)."""
@@ -228,7 +258,12 @@ class Trainer:
     self.workdir = workdir
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh_shape, config.mesh_axes)
     self.objective = get_objective(config.trainer)(config, self.mesh)
-    self.tx = optim.make_optimizer(config.optim, config.num_train_steps)
+    self.txs = {name: optim.make_optimizer(self.objective.optim_config(name),
+                                           config.num_train_steps)
+                for name in sorted(self.objective.trainable)}
+    self.phases = self.objective.phases()
+    self.ema_groups = tuple(self.objective.ema_groups()) if config.ema_decay else ()
+    _check_phases(self.phases, self.txs, self.ema_groups)
     self.rules = shd.rules_dict(config.sharding_rules)
     self._build_shardings()
     self._compiled_step = None
@@ -244,22 +279,24 @@ class Trainer:
     frozen_abs, frozen_logical = obj.frozen_spec()
     self.frozen_abstract = frozen_abs
     self.frozen_shardings = shd.tree_shardings(frozen_abs, frozen_logical, self.rules, mesh)
-    abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
     rep = shd.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
-    use_ema = bool(self.config.ema_decay)
+    abstract_opt, opt_shardings = {}, {}
+    for name, tx in self.txs.items():
+      abstract_opt[name] = jax.eval_shape(tx.init, self.abstract_params[name])
+      opt_shardings[name] = optax.tree_map_params(
+          tx, lambda _, s: s, abstract_opt[name], self.param_shardings[name],
+          transform_non_params=lambda _: rep,
+          is_leaf=lambda x: isinstance(x, NamedSharding))
+    ema = self.ema_groups
     self.state_shardings = dict(
         step=rep, params=self.param_shardings, opt_state=opt_shardings,
-        ema_params=self.param_shardings if use_ema else None,
+        ema_params={g: self.param_shardings[g] for g in ema} if ema else None,
         frozen=self.frozen_shardings)
     self.abstract_state = dict(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=self.abstract_params,
         opt_state=abstract_opt,
-        ema_params=self.abstract_params if use_ema else None,
+        ema_params={g: self.abstract_params[g] for g in ema} if ema else None,
         frozen=frozen_abs)
     self.abstract_state_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -268,15 +305,16 @@ class Trainer:
   def init_state(self) -> dict:
     """Fresh state, created directly with its shardings (no host copy of the full model)."""
     obj = self.objective
-    use_ema = bool(self.config.ema_decay)
     init_from = obj.load_init_from(self.abstract_state_sharded)
+    ema_groups = self.ema_groups
 
     def make(rng, loaded):
       params = loaded["params"] if loaded is not None else obj.init_params(rng)
-      opt_state = self.tx.init(params)
+      opt_state = {name: tx.init(params[name]) for name, tx in self.txs.items()}
       ema = None
-      if use_ema:
-        ema = loaded["ema_params"] if (loaded is not None and loaded.get("ema_params")) else params
+      if ema_groups:
+        src = loaded.get("ema_params") if loaded is not None else None
+        ema = {g: (src[g] if src and g in src else params[g]) for g in ema_groups}
         ema = jax.tree.map(lambda x: x + 0, ema)  # a distinct buffer so donation is safe
       return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                   ema_params=ema)
@@ -290,36 +328,52 @@ class Trainer:
 
   # -- step ------------------------------------------------------------------------------------
   def _train_step(self, state: dict, batch: dict):
-    obj, cfg = self.objective, self.config
+    cfg = self.config
     step = state["step"]
-    rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    base_rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    params, opt_state = dict(state["params"]), dict(state["opt_state"])
+    finite = jnp.asarray(True)
+    out: dict = {}
+    for i, phase in enumerate(self.phases):
+      # The single default phase keeps the step's key as is (runs stay reproducible).
+      rng = base_rng if len(self.phases) == 1 else jax.random.fold_in(base_rng, i)
 
-    def loss_fn(params):
-      return obj.loss(params, state["frozen"], batch, rng, step)
+      def loss_fn(sub, phase=phase, rng=rng):
+        return phase.loss({**params, **sub}, state["frozen"], batch, rng, step)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    if cfg.debug.inject_nan_at_step >= 0:
-      # Test hook: poison the loss at one step to exercise non-finite handling end to end.
-      poison = jnp.where(step == cfg.debug.inject_nan_at_step, jnp.nan, 1.0)
-      loss = loss * poison
-      grads = jax.tree.map(lambda g: g * poison, grads)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+      sub = {g: params[g] for g in phase.groups}
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
+      if cfg.debug.inject_nan_at_step >= 0:
+        # Test hook: poison the loss at one step to exercise non-finite handling end to end.
+        poison = jnp.where(step == cfg.debug.inject_nan_at_step, jnp.nan, 1.0)
+        loss = loss * poison
+        grads = jax.tree.map(lambda g: g * poison, grads)
+      grad_norm = optax.global_norm(grads)
+      finite = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      active = (step % phase.every) == 0 if phase.every > 1 else None
+      for g in phase.groups:
+        updates, new_opt = self.txs[g].update(grads[g], opt_state[g], params[g])
+        new_params = optax.apply_updates(params[g], updates)
+        if active is not None:
+          new_params = _select(active, new_params, params[g])
+          new_opt = _select(active, new_opt, opt_state[g])
+        params[g], opt_state[g] = new_params, new_opt
+      prefix = "" if len(self.phases) == 1 or i == len(self.phases) - 1 else f"{phase.name}/"
+      out[prefix + "loss"] = loss
+      out[prefix + "grad_norm"] = grad_norm
+      out.update({(k if not prefix else prefix + k): v for k, v in metrics.items()})
     # A non-finite step changes nothing, so the state in memory stays the last good one.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep(params, state["params"])
-    opt_state = keep(opt_state, state["opt_state"])
+    params = _select(finite, params, state["params"])
+    opt_state = _select(finite, opt_state, state["opt_state"])
     ema = state["ema_params"]
     if ema is not None:
-      ema = keep(optim.ema_update(ema, params, optim.ema_decay(cfg, step)), ema)
+      ema = _select(finite, optim.ema_update(ema, {g: params[g] for g in ema},
+                                             optim.ema_decay(cfg, step)), ema)
     new_state = dict(step=step + 1, params=params, opt_state=opt_state, ema_params=ema,
                      frozen=state["frozen"])
-    lr = optim.learning_rate_schedule(cfg.optim, cfg.num_train_steps)(step)
-    out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr,
-               finite=finite.astype(jnp.float32), param_norm=optax.global_norm(params))
-    out.update(metrics)
+    out["learning_rate"] = optim.learning_rate_schedule(cfg.optim, cfg.num_train_steps)(step)
+    out["finite"] = finite.astype(jnp.float32)
+    out["param_norm"] = optax.global_norm(params)
     return new_state, out
 
   def compile_step(self, batch_abstract: dict):
@@ -335,6 +389,29 @@ class Trainer:
     self.step_flops = _cost_flops(compiled)
     self._compiled_step = compiled
     return compiled
+
+
+def _select(pred, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def _check_phases(phases, txs, ema_groups) -> None:
+  if not phases:
+    raise ValueError("an objective must define at least one phase")
+  seen = set()
+  for ph in phases:
+    unknown = [g for g in ph.groups if g not in txs]
+    if unknown or not ph.groups:
+      raise ValueError(f"phase {ph.name!r} trains {unknown or 'no groups'}; trainable groups "
+                       f"are {sorted(txs)}")
+    if int(ph.every) < 1:
+      raise ValueError(f"phase {ph.name!r}: every={ph.every} must be >= 1")
+    seen.update(ph.groups)
+  if seen != set(txs):
+    raise ValueError(f"trainable groups {sorted(set(txs) - seen)} are in no phase")
+  bad = [g for g in ema_groups if g not in txs]
+  if bad:
+    raise ValueError(f"ema_groups {bad} are not trainable groups {sorted(txs)}")
 
 
 def _make_writer(workdir: str):

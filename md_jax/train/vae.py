@@ -13,9 +13,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from md_jax.data import pipeline
+from md_jax.models import discriminator as disc_lib
 from md_jax.models import vae as vae_lib
 from md_jax.train import loop
 from md_jax.train import sharding as shd
@@ -30,6 +32,35 @@ def compute_dtype(config):
 def vae_spec(config) -> ModelSpec:
   return ModelSpec("vae", lambda rngs: vae_lib.VAE(config.vae, rngs=rngs,
                                                     dtype=compute_dtype(config)))
+
+
+def default_adversarial_config() -> ml_collections.ConfigDict:
+  """``config.vae.adversarial``: the patch-GAN term of the VAE loss (weight 0 turns it off)."""
+  return ml_collections.ConfigDict(dict(
+      weight=0.0,  # weight of the generator's non-saturating GAN loss
+      start_step=0,  # both D and the GAN term switch on here (after the autoencoder settles)
+      channels=(64, 128, 256),  # discriminator stages (each halves the resolution)
+      norm_groups=32,
+      # The discriminator's own AdamW (the usual GAN betas); weight decay off.
+      learning_rate=1e-4,
+      b1=0.5,
+      b2=0.9,
+  ))
+
+
+def adversarial_config(config) -> ml_collections.ConfigDict | None:
+  adv = config.vae.get("adversarial")
+  if adv is None or not float(adv.weight):
+    return None
+  return adv
+
+
+def disc_spec(config) -> ModelSpec:
+  adv = adversarial_config(config)
+  cfg = ml_collections.ConfigDict(dict(channels=tuple(adv.channels), norm_groups=adv.norm_groups,
+                                       in_channels=int(config.vae.get("in_channels", 3))))
+  return ModelSpec("disc", lambda rngs: disc_lib.PatchDiscriminator(
+      cfg, rngs=rngs, dtype=compute_dtype(config)))
 
 
 def latent_stats_spec(config):
@@ -82,15 +113,39 @@ def random_crop(x, size: int, align: int, rng):
 
 @loop.register("vae")
 class VAEObjective(loop.Objective):
-  """L2 reconstruction + KL. (Perceptual and adversarial terms belong to the VAE issue.)"""
+  """L2 reconstruction + KL, plus a patch-GAN term when ``config.vae.adversarial.weight`` > 0.
+
+  With the GAN term the discriminator is a second trainable group ("disc") with its own
+  optimizer state in the same sharded train state. Both groups take their gradients from one
+  loss in one pass: the generator's GAN term reads the discriminator through stop_gradient and
+  the discriminator's term reads the reconstruction through stop_gradient, so each group learns
+  only from its own objective while the autoencoder's forward pass is shared.
+  """
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
     self.spec = vae_spec(config)
+    self.adv = adversarial_config(config)
+    self.disc = disc_spec(config) if self.adv is not None else None
 
   @property
   def trainable(self):
-    return {"vae": self.spec}
+    out = {"vae": self.spec}
+    if self.disc is not None:
+      out["disc"] = self.disc
+    return out
+
+  def optim_config(self, group):
+    if group != "disc":
+      return self.config.optim
+    cfg = ml_collections.ConfigDict(self.config.optim.to_dict())
+    cfg.learning_rate = float(self.adv.learning_rate)
+    cfg.b1, cfg.b2 = float(self.adv.b1), float(self.adv.b2)
+    cfg.weight_decay = 0.0
+    return cfg
+
+  def ema_groups(self):
+    return ("vae",)
 
   def frozen_spec(self):
     return latent_stats_spec(self.config)
@@ -133,7 +188,26 @@ class VAEObjective(loop.Objective):
       recon_loss = recon_loss + grad_w * _gradient_l1(recon, x)
     loss = recon_loss + float(self.config.vae.kl_weight) * kl
     psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # images span [-1, 1]
-    return loss, dict(mse=mse, l1=l1, kl=kl, psnr=psnr)
+    metrics = dict(mse=mse, l1=l1, kl=kl, psnr=psnr)
+    if self.disc is not None:
+      adv_loss, adv_metrics = self._adversarial(params, x, recon, step)
+      loss = loss + adv_loss
+      metrics.update(adv_metrics)
+    return loss, metrics
+
+  def _adversarial(self, params, x, recon, step):
+    """Non-saturating GAN terms: D on real vs stop_gradient(recon); G through a frozen D."""
+    on = (step >= int(self.adv.start_step)).astype(jnp.float32)
+    d_train = self.disc.bind(params["disc"])
+    real_logits = d_train(x)
+    fake_logits = d_train(jax.lax.stop_gradient(recon))
+    d_loss = jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+    d_frozen = self.disc.bind(jax.lax.stop_gradient(params["disc"]))
+    g_loss = jnp.mean(jax.nn.softplus(-d_frozen(recon)))
+    weight = on * float(self.adv.weight)
+    total = on * d_loss + weight * g_loss
+    return total, dict(d_loss=d_loss, g_adv=g_loss, adv_weight=weight,
+                       d_real_logit=jnp.mean(real_logits), d_fake_logit=jnp.mean(fake_logits))
 
   # -- after training ------------------------------------------------------------------------
   def _params_for_eval(self, state):
