@@ -16,6 +16,8 @@ fields are (defaults in `default_config()`, the paper's MD):
   down_depth, up_depth         transformer layers after each conv block (0 = none)
   self_attn                    per level, SA in those transformer layers (CA always present)
   head_dim                     attention head width; heads = channels // head_dim
+  num_heads                    (optional, 0 = unset) fixed head count at every level instead;
+                               head_dim = channels // num_heads
   ff_mult, ff_activation       GLU expansion and gate nonlinearity ('swish' | 'gelu')
   shared_kv                    self-attention W_K = W_V
   attention                    'softmax' | 'relu'
@@ -73,6 +75,7 @@ def default_config(variant: str = "md") -> ml_collections.ConfigDict:
       inner_skips=False,
       # 64: SD's and most ViTs' head width; gives 10 heads at 640 and 16 at 1024.
       head_dim=64,
+      num_heads=0,
       ff_mult=3,
       ff_activation="swish",
       shared_kv=True,
@@ -125,6 +128,15 @@ def _levels(cfg) -> int:
           f"it pushes (its input + down_blocks={cfg.down_blocks[l]})"
           + ("" if l < n - 1 else "; or set inner_skips=False"))
   return n
+
+
+def _head_dim(cfg, channels: int) -> int:
+  heads = int(cfg.get("num_heads", 0) or 0)
+  if not heads:
+    return int(cfg.head_dim)
+  if channels % heads:
+    raise ValueError(f"unet.num_heads={heads} does not divide a level's {channels} channels")
+  return channels // heads
 
 
 def _inner_skips(cfg) -> bool:
@@ -187,7 +199,7 @@ class UNet(nnx.Module):
 
     def transformer(l: int, depth: int):
       return SpatialTransformer(
-          ch[l], depth=depth, context_dim=cfg.context_dim, head_dim=cfg.head_dim,
+          ch[l], depth=depth, context_dim=cfg.context_dim, head_dim=_head_dim(cfg, ch[l]),
           self_attn=bool(cfg.self_attn[l]), shared_kv=cfg.shared_kv, attention=cfg.attention,
           ff_mult=cfg.ff_mult, ff_activation=cfg.ff_activation, norm_groups=cfg.norm_groups,
           remat=self.remat, **kw)
