@@ -8,7 +8,7 @@ conv/SA/CA counts, and ends with one JSON line
 F is XLA's cost analysis of one jitted forward (batch 1, the config's latent size, 77 x 768 text
 context for the paper's configs), which counts 2 flops per multiply-add. 677.2e9 is SD1.5's UNet
 forward at 64x64x4 with 77 x 768 text, counted the same way (DESIGN 2). The model is only built
-abstractly (nnx.eval_shape), so no weights are allocated: it runs in ~20 s on a laptop CPU.
+abstractly (nnx.eval_shape), so no weights are allocated; the compile for the flop count takes most of its ~15 s.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def abstract_unet(unet_cfg, dtype=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from md_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import KeyStream  # pylint: disable=g-import-not-at-top
   with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: unet_lib.UNet(unet_cfg, rngs=nnx.Rngs(0),
+    return nnx.eval_shape(lambda: unet_lib.UNet(unet_cfg, rngs=KeyStream(0),
                                                 dtype=dtype or jnp.float32))
 
 
