@@ -6,6 +6,7 @@ back from a model, so a wiring change shows up as a mismatch.
 """
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -13,6 +14,7 @@ from md_jax.config_loading import load_config
 from md_jax.models import unet as unet_lib
 from md_jax.models.attention import Attention
 from md_jax.models.blocks import FullConv, SPConv
+from md_jax.models.export_safety import check_jaxpr
 from md_jax.models.layers import KeyStream, count_params
 
 TEMB = 1280  # time-embedding width of the paper configs
@@ -261,3 +263,50 @@ def test_relu_and_softmax_share_one_tree_at_paper_size():
   relu = nnx.state(abstract(md_cfg(attention="relu")), nnx.Param)
   assert jax.tree.structure(soft) == jax.tree.structure(relu)
   assert [x.shape for x in jax.tree.leaves(soft)] == [x.shape for x in jax.tree.leaves(relu)]
+
+
+# ---- export safety of the paper-size forward (DESIGN 6)
+
+
+def _forward(model):
+  graphdef, state = nnx.split(model)
+  return (lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c)), state
+
+
+def _md_inputs(cfg, size=64):
+  return (jax.ShapeDtypeStruct((1, size, size, cfg.in_channels), jnp.float32),
+          jax.ShapeDtypeStruct((1,), jnp.float32),
+          jax.ShapeDtypeStruct((1, 77, cfg.context_dim), jnp.float32))
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attention="relu", remat=True)])
+def test_md_forward_has_rank_le_4_and_no_gather(overrides):
+  cfg = md_cfg(**overrides)
+  fn, state = _forward(abstract(cfg))
+  assert check_jaxpr(fn, state, *_md_inputs(cfg)) == []
+
+
+def test_rank_check_catches_a_planted_rank5_reshape(monkeypatch):
+  def flax_style_group_norm(self, x):
+    # What flax's GroupNorm does: (B, H, W, G, C/G), a rank-5 tensor.
+    b, h, w, c = x.shape
+    xg = x.reshape(b, h, w, self.num_groups, c // self.num_groups)
+    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+    return (xg - mean).reshape(x.shape) * self.scale[...] + self.bias[...]
+
+  cfg = md_cfg(remat=True)  # planted inside remat'd blocks: nested jaxprs must be walked
+  model = abstract(cfg)
+  monkeypatch.setattr(SPConv, "__call__", _planted_spconv(flax_style_group_norm))
+  fn, state = _forward(model)
+  problems = check_jaxpr(fn, state, *_md_inputs(cfg))
+  assert problems and all("rank 5" in p for p in problems), problems[:3]
+  assert any("remat" in p or "checkpoint" in p for p in problems), problems[:3]
+
+
+def _planted_spconv(norm_fn):
+  original = SPConv.__call__
+
+  def call(self, x, temb=None):
+    return original(self, norm_fn(self.norm, x), temb)
+
+  return call
