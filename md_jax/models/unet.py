@@ -6,12 +6,18 @@ fields are (defaults in `default_config()`, the paper's MD):
   in_channels, out_channels    latent channels in and out (8, 8)
   context_dim                  text embedding width (768, CLIP ViT-L/14)
   channels                     per-level widths, e.g. (320, 640, 1024)
-  down_blocks, up_blocks       conv blocks per level; sum(up) must equal 1 + sum(down) +
-                               (levels - 1), the number of skips pushed (SD accounting)
+  down_blocks, up_blocks       conv blocks per level. Each outer level pushes its input (conv_in's
+                               output or the downsampler's) and every down block's output as a
+                               skip, and its up blocks pop them: up = down + 1 (SD accounting)
+  inner_skips                  False (paper 3.4): the innermost level's down and up blocks are one
+                               unified module, a plain stack of down+up layers with no skip
+                               concatenations; True: SD accounting at that level too
   down_conv, up_conv           per level 'full' (SD resblock) or 'sep' (SPConv)
   down_depth, up_depth         transformer layers after each conv block (0 = none)
   self_attn                    per level, SA in those transformer layers (CA always present)
   head_dim                     attention head width; heads = channels // head_dim
+  num_heads                    (optional, 0 = unset) fixed head count at every level instead;
+                               head_dim = channels // num_heads
   ff_mult, ff_activation       GLU expansion and gate nonlinearity ('swish' | 'gelu')
   shared_kv                    self-attention W_K = W_V
   attention                    'softmax' | 'relu'
@@ -28,9 +34,11 @@ dtype). H and W must be divisible by 2**(levels-1).
 Layout: conv_in -> per level: blocks x [conv block (+ transformer)], strided-conv downsample except
 at the last level -> per level reversed: blocks x [concat skip -> conv block (+ transformer)],
 nearest upsample + conv except at level 0 -> GN, swish, conv_out (zero-init, so the untrained
-model predicts 0). The innermost down and up stacks share one resolution and there is no separate
-mid block (paper 3.4). With SD's skip accounting the first innermost up block concatenates the
-last down block's output with itself (no mid block in between).
+model predicts 0). The innermost down and up stacks share one resolution and form one unified
+module (paper 3.4: "the 5 layers in the middle", as the transformer stack in the middle of UViT,
+which the paper builds on): its layers run one after another without skip concatenations and
+there is no separate mid block. `inner_skips=True` restores SD's accounting there (the first
+innermost up block then concatenates the last down block's output with itself).
 """
 
 from __future__ import annotations
@@ -63,8 +71,11 @@ def default_config(variant: str = "md") -> ml_collections.ConfigDict:
       down_depth=(0, 1, 3),
       up_depth=(0, 1, 3),
       self_attn=(False, False, True),
+      # Paper 3.4: the innermost down/mid/up is one unified stack of 5 layers (UViT's middle).
+      inner_skips=False,
       # 64: SD's and most ViTs' head width; gives 10 heads at 640 and 16 at 1024.
       head_dim=64,
+      num_heads=0,
       ff_mult=3,
       ff_activation="swish",
       shared_kv=True,
@@ -108,11 +119,28 @@ def _levels(cfg) -> int:
                "self_attn"):
     if len(cfg[name]) != n:
       raise ValueError(f"unet.{name} has {len(cfg[name])} entries, channels has {n}")
-  skips = 1 + sum(cfg.down_blocks) + (n - 1)
-  if sum(cfg.up_blocks) != skips:
-    raise ValueError(f"sum(up_blocks)={sum(cfg.up_blocks)} must equal the {skips} skips pushed "
-                     "(conv_in + every down block + every downsample)")
+  for l in range(n):
+    if l == n - 1 and not _inner_skips(cfg):
+      continue
+    if cfg.up_blocks[l] != cfg.down_blocks[l] + 1:
+      raise ValueError(
+          f"level {l}: up_blocks={cfg.up_blocks[l]} must equal the {cfg.down_blocks[l] + 1} skips "
+          f"it pushes (its input + down_blocks={cfg.down_blocks[l]})"
+          + ("" if l < n - 1 else "; or set inner_skips=False"))
   return n
+
+
+def _head_dim(cfg, channels: int) -> int:
+  heads = int(cfg.get("num_heads", 0) or 0)
+  if not heads:
+    return int(cfg.head_dim)
+  if channels % heads:
+    raise ValueError(f"unet.num_heads={heads} does not divide a level's {channels} channels")
+  return channels // heads
+
+
+def _inner_skips(cfg) -> bool:
+  return bool(cfg.get("inner_skips", True))
 
 
 def count_blocks(cfg) -> dict:
@@ -171,26 +199,28 @@ class UNet(nnx.Module):
 
     def transformer(l: int, depth: int):
       return SpatialTransformer(
-          ch[l], depth=depth, context_dim=cfg.context_dim, head_dim=cfg.head_dim,
+          ch[l], depth=depth, context_dim=cfg.context_dim, head_dim=_head_dim(cfg, ch[l]),
           self_attn=bool(cfg.self_attn[l]), shared_kv=cfg.shared_kv, attention=cfg.attention,
           ff_mult=cfg.ff_mult, ff_activation=cfg.ff_activation, norm_groups=cfg.norm_groups,
           remat=self.remat, **kw)
 
-    skip_channels = [ch[0]]
+    # Which levels push and pop skips (all but a unified innermost level).
+    self.level_skips = tuple(l < n - 1 or _inner_skips(cfg) for l in range(n))
+    skip_channels = []
     cur = ch[0]
     down = []
     for l in range(n):
       convs, trans = [], []
+      if self.level_skips[l]:
+        skip_channels.append(cur)  # the level's input: conv_in's or the downsampler's output
       for _ in range(cfg.down_blocks[l]):
         convs.append(make_conv_block(cfg.down_conv[l], cur, ch[l], **block_kw))
         cur = ch[l]
         if cfg.down_depth[l] > 0:
           trans.append(transformer(l, cfg.down_depth[l]))
-        skip_channels.append(cur)
-      resample = None
-      if l < n - 1:
-        resample = Downsample(cur, **kw)
-        skip_channels.append(cur)
+        if self.level_skips[l]:
+          skip_channels.append(cur)
+      resample = Downsample(cur, **kw) if l < n - 1 else None
       down.append(UNetLevel(convs, trans, resample))
     self.down_levels = nnx.List(down)
 
@@ -198,8 +228,8 @@ class UNet(nnx.Module):
     for l in reversed(range(n)):
       convs, trans = [], []
       for _ in range(cfg.up_blocks[l]):
-        convs.append(make_conv_block(cfg.up_conv[l], cur + skip_channels.pop(), ch[l],
-                                     **block_kw))
+        in_ch = cur + (skip_channels.pop() if self.level_skips[l] else 0)
+        convs.append(make_conv_block(cfg.up_conv[l], in_ch, ch[l], **block_kw))
         cur = ch[l]
         if cfg.up_depth[l] > 0:
           trans.append(transformer(l, cfg.up_depth[l]))
@@ -230,19 +260,22 @@ class UNet(nnx.Module):
     temb = self.time_embedding(t)
 
     h = self.conv_in(x)
-    skips = [h]
-    for level in self.down_levels:
+    skips = []
+    for l, level in enumerate(self.down_levels):
+      if self.level_skips[l]:
+        skips.append(h)
       for i in range(len(level.convs)):
         h = self._stage(level, i, h, temb, context)
-        skips.append(h)
+        if self.level_skips[l]:
+          skips.append(h)
       if level.resample is not None:
         h = level.resample(h)
-        skips.append(h)
 
     for l in reversed(range(self.num_levels)):
       level = self.up_levels[l]
       for i in range(len(level.convs)):
-        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        if self.level_skips[l]:
+          h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = self._stage(level, i, h, temb, context)
       if level.resample is not None:
         h = level.resample(h)

@@ -1,0 +1,36 @@
+"""softmax -> ReLU attention finetune on shapes (paper sec. 3.2, appendix A).
+
+``--config=configs/shapes_relu.py:SIZE --config.init_from=WORKDIR_OF_A_SOFTMAX_RUN`` with SIZE
+full|smoke|tiny. The network is the shapes highres one (configs/shapes.py) with
+``unet.attention='relu'``: relu(QK^T/sqrt(d))/L has no parameters, so the relu model restores
+the softmax run's params (and EMA) unchanged and trains on. The paper finetunes ~10k steps at
+full scale; here a fraction of the highres stage's steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _shapes_module():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
+  spec = importlib.util.spec_from_file_location("md_jax_config_shapes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  size = arg or "full"
+  c = _shapes_module().get_config(f"highres,{size}")
+  c.stage = "relu"
+  c.unet.attention = "relu"
+  c.init_from = ""  # required: the softmax-attention run (e.g. QUICKSTART_DIR/highres)
+  if size == "full":
+    # ours: a finetune; shorter warmup than pretraining, same peak lr as the highres stage.
+    c.num_train_steps = 300
+    c.optim.warmup_steps = 20
+  return c
