@@ -274,17 +274,20 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
 
 
 class KeyStream:
-  """A stand-in for `nnx.Rngs` in abstract builds (`nnx.eval_shape(lambda: UNet(cfg,
-  rngs=KeyStream(0)))`): `params()` folds a Python counter into one key.
+  """A stand-in for `nnx.Rngs` when building modules (abstractly, `nnx.eval_shape(lambda:
+  UNet(cfg, rngs=KeyStream(0)))`, or for real init under jit with a key array): `params()`
+  folds a Python counter into one key, so the keys are a deterministic function of the seed and
+  the order in which layers are built.
 
   nnx.Rngs keeps its counter in a Variable; each update probes the traced value's `.sharding`,
   whose error message walks the whole trace, so building the MD UNet abstractly costs ~10 s
   (quadratic in the number of parameters) against ~1 s with this. The layers here only call
-  `rngs.params()`. Keys differ from nnx.Rngs's: use it where only shapes matter.
+  `rngs.params()`. Keys differ from nnx.Rngs's (train/state.ModelSpec uses this for every
+  trainer, so a seed names one init either way).
   """
 
-  def __init__(self, seed: int = 0):
-    self._key = jax.random.key(seed)
+  def __init__(self, seed: int | Array = 0):
+    self._key = jax.random.key(seed) if isinstance(seed, int) else seed
     self._count = 0
 
   def params(self) -> Array:
