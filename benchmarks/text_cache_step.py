@@ -86,6 +86,7 @@ def main():
         f"{config.text.num_hidden_layers} x {config.text.hidden_size}, "
         f"{config.data.max_length} tokens; medians of {args.runs} steps "
         f"({jax.default_backend()}, {jax.device_count()} device(s))")
+  print(f"load average (1/5/15 min) {os.getloadavg()}")
   for name, (c, t, loss) in results.items():
     print(f"{name:18s}: step {t * 1e3:8.1f} ms  (compile {c:5.1f} s, loss {loss:.6f})")
   enc, cached = results["encoder in step"][1], results["cached embeddings"][1]

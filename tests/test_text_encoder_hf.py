@@ -197,6 +197,21 @@ def test_prefixed_bf16_checkpoint_with_buffers(text_dir, tmp_path):
       ref.state_dict()["final_layer_norm.bias"].to(torch.bfloat16).float().numpy())
 
 
+def test_read_text_config_fills_defaults_like_transformers(tmp_path):
+  """A CLIPModel config.json as old Hub files have it: partial text_config, legacy eos id."""
+  raw = {"model_type": "clip", "projection_dim": 768, "text_config_dict": None,
+         "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                         "eos_token_id": 2, "bos_token_id": 0, "projection_dim": 768},
+         "vision_config": {"hidden_size": 1024, "patch_size": 14}}
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  ours = hf_clip.read_text_config(str(tmp_path))
+  theirs = transformers.CLIPTextConfig(**raw["text_config"])
+  for key in te.CONFIG_FIELDS:
+    assert ours[key] == getattr(theirs, key), key
+  assert ours.to_dict() == {k: v for k, v in te.default_config().to_dict().items()
+                            if k != "eos_token_id"} | {"eos_token_id": 2}
+
+
 # ----------------------------------------------------------------------------- broken checkpoints
 def _rewrite(src: str, dst, *, edit_tensors=None, edit_config=None) -> str:
   from safetensors.numpy import load_file, save_file

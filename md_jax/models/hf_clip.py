@@ -60,8 +60,10 @@ def read_text_config(directory: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: not a Hugging Face model directory")
   with open(path) as f:
     raw = json.load(f)
-  if isinstance(raw.get("text_config"), dict):  # a full CLIPModel (CLIPConfig)
-    raw = raw["text_config"]
+  for key in ("text_config", "text_config_dict"):  # a full CLIPModel (CLIPConfig), new or old
+    if isinstance(raw.get(key), dict):
+      raw = raw[key]
+      break
   values = {k: raw.get(k, HF_TEXT_DEFAULTS[k]) for k in text_lib.CONFIG_FIELDS}
   if values["eos_token_id"] is None:
     values["eos_token_id"] = 2  # the legacy marker: pool at argmax(ids), as transformers does
