@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eos_token_id=-1,  # -1: read from the tokenizer
       frozen=True,
       seed=1234,
+      # Precomputed caption embeddings (python -m md_jax.tools.build_text_cache): the train step
+      # then reads them instead of running the frozen encoder. "" = encode in the step.
+      cache_dir="",
   ))
 
   c.vae = vae_lib.default_config()

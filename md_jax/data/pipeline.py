@@ -17,6 +17,7 @@ import grain
 import numpy as np
 
 from md_jax.data import shapes
+from md_jax.data import text_cache as text_cache_lib
 
 _SPLIT_SALT = {"train": 0, "eval": 1, "heldout": 2}
 _TOKENIZER_LOCK = threading.Lock()
@@ -85,15 +86,17 @@ class _ProcessRows(grain.MapDataset):
 
 
 class _MakeBatch:
-  """Record indices (b,) -> batch: images in [-1, 1], token ids, labels."""
+  """Record indices (b,) -> batch: images in [-1, 1], token ids, labels (+ cached embeddings)."""
 
   def __init__(self, source: shapes.ShapesSource, tokenizer, max_length: int,
-               caption_dropout: float, seed: int):
+               caption_dropout: float, seed: int,
+               text_cache: text_cache_lib.TextEmbeddingCache | None = None):
     self._source = source
     self._tokenizer = tokenizer
     self._max_length = max_length
     self._dropout = float(caption_dropout)
     self._seed = seed
+    self._cache = text_cache
 
   def _drop_caption(self, index: int) -> bool:
     if self._dropout <= 0.0:
@@ -108,7 +111,7 @@ class _MakeBatch:
     recs = [self._source[i] for i in indices]
     texts = ["" if self._drop_caption(i) else r["caption"] for i, r in zip(indices, recs)]
     images = np.stack([r["image"] for r in recs]).astype(np.float32)
-    return dict(
+    batch = dict(
         image=images * np.float32(2.0 / 255.0) - np.float32(1.0),
         input_ids=tokenize(self._tokenizer, texts, self._max_length),
         colour=np.array([r["colour"] for r in recs], np.int32),
@@ -116,6 +119,24 @@ class _MakeBatch:
         position=np.array([r["position"] for r in recs], np.int32),
         held_out=np.array([r["held_out"] for r in recs], np.bool_),
     )
+    if self._cache is not None:
+      batch["text_embedding"] = self._cached_embeddings(indices, texts, batch["input_ids"])
+    return batch
+
+  def _cached_embeddings(self, indices, texts, input_ids) -> np.ndarray:
+    cache = self._cache
+    emb = cache.embeddings(indices)
+    dropped = np.array([t == "" for t in texts])
+    emb[dropped] = cache.null_embedding
+    kept = np.flatnonzero(~dropped)
+    if kept.size:
+      cached_ids = cache.input_ids(np.asarray(indices)[kept])
+      bad = np.flatnonzero(np.any(cached_ids != input_ids[kept], axis=1))
+      if bad.size:
+        raise text_cache_lib.TextCacheError(
+            f"text cache {cache.directory} row {indices[kept[bad[0]]]} encodes other tokens than "
+            "this pipeline's caption (another tokenizer or dataset?); rebuild the cache")
+    return emb
 
 
 def make_shapes_dataset(*, split: str, image_size: int, global_batch_size: int,
@@ -123,7 +144,8 @@ def make_shapes_dataset(*, split: str, image_size: int, global_batch_size: int,
                         tokenizer, max_length: int, num_records: int = 1_000_000,
                         caption_dropout: float = 0.0, data_seed: int | None = None,
                         num_threads: int = 1, prefetch_batches: int = 2,
-                        worker_count: int = 0) -> grain.IterDataset:
+                        worker_count: int = 0, text_cache: str | None = None
+                        ) -> grain.IterDataset:
   """The batched IterDataset behind make_shapes_iterator (same arguments)."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"need 0 <= process_index < process_count, got "
@@ -138,6 +160,11 @@ def make_shapes_dataset(*, split: str, image_size: int, global_batch_size: int,
     raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
   data_seed = seed if data_seed is None else data_seed
   source = shapes.ShapesSource(split, image_size, num_records, data_seed)
+  cache = None
+  if text_cache:
+    cache = text_cache_lib.TextEmbeddingCache(text_cache)
+    cache.check(max_length=max_length, num_records=num_records,
+                **shapes_cache_source(split, data_seed))
   # Indexing a shuffled dataset past its length reshuffles with seed + epoch,
   # so repeat() gives a fresh order every epoch.
   order = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32).repeat()
@@ -147,7 +174,7 @@ def make_shapes_dataset(*, split: str, image_size: int, global_batch_size: int,
   # (neither changes which records end up together), and the captions of a
   # batch are tokenized in one call.
   ds = rows.batch(global_batch_size // process_count, drop_remainder=True)
-  ds = ds.map(_MakeBatch(source, tokenizer, max_length, caption_dropout, data_seed))
+  ds = ds.map(_MakeBatch(source, tokenizer, max_length, caption_dropout, data_seed, cache))
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads, 1)))
   if worker_count > 0:
@@ -165,7 +192,8 @@ def make_shapes_iterator(*, split: str, image_size: int, global_batch_size: int,
                          tokenizer, max_length: int, num_records: int = 1_000_000,
                          caption_dropout: float = 0.0, data_seed: int | None = None,
                          num_threads: int = 1, prefetch_batches: int = 2,
-                         worker_count: int = 0) -> grain.DatasetIterator:
+                         worker_count: int = 0,
+                         text_cache: str | None = None) -> grain.DatasetIterator:
   """Endless, checkpointable iterator over this process's slice of each batch.
 
   Yields dict(image=float32 (b, H, W, 3) in [-1, 1], input_ids=int32
@@ -174,7 +202,10 @@ def make_shapes_iterator(*, split: str, image_size: int, global_batch_size: int,
   only (not of the process count); record content is a function of
   (data_seed or seed, split, record index). With probability caption_dropout,
   fixed per record, the caption is replaced by "" (for classifier-free
-  guidance). The iterator supports get_state()/set_state() and
+  guidance). With `text_cache` (a directory written by text_cache.write_text_cache for this
+  split and data seed, e.g. by md_jax.tools.build_text_cache) each batch also carries
+  text_embedding=float32 (b, max_length, hidden): the frozen encoder's output for the caption,
+  the empty prompt's for dropped ones. The iterator supports get_state()/set_state() and
   grain.checkpoint.CheckpointSave/CheckpointRestore with orbax.
 
   Throughput knobs, none of which changes the data or its order:
@@ -189,7 +220,12 @@ def make_shapes_iterator(*, split: str, image_size: int, global_batch_size: int,
       process_index=process_index, process_count=process_count, seed=seed,
       tokenizer=tokenizer, max_length=max_length, num_records=num_records,
       caption_dropout=caption_dropout, data_seed=data_seed, num_threads=num_threads,
-      prefetch_batches=prefetch_batches, worker_count=worker_count))
+      prefetch_batches=prefetch_batches, worker_count=worker_count, text_cache=text_cache))
+
+
+def shapes_cache_source(split: str, data_seed: int) -> dict:
+  """What identifies the captions of shapes records in a text cache's manifest."""
+  return dict(name="shapes", split=split, data_seed=int(data_seed))
 
 
 def decode_ids(tokenizer, input_ids: Any) -> list[str]:

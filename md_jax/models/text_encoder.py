@@ -17,6 +17,8 @@ dropping the `text_model.` prefix:
   encoder.layers[i].layer_norm{1,2}.{scale,bias}, encoder.layers[i].mlp.fc{1,2}.{kernel,bias}
   final_layer_norm.{scale,bias}
 (HF Linear weights are (out, in); `kernel` is (in, out), so the loader transposes.)
+The loader is md_jax/models/hf_clip.py: `load_hf_text_encoder(directory)` reads a Hugging Face
+model directory (config.json + safetensors) without torch.
 
 The token lookup is the graph's only gather (TFLite GATHER); the pooled row is selected with a
 one-hot contraction instead of a second gather.

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from md_jax.data import pipeline
+from md_jax.data import text_cache as text_cache_lib
 from md_jax.diffusion import losses
 from md_jax.diffusion import samplers
 from md_jax.diffusion import schedule as sch
@@ -105,6 +106,11 @@ class LatentDiffusion:
     return self.decode_latents(frozen, z)
 
 
+def text_cache_dir(config) -> str:
+  """config.text.cache_dir: precomputed caption embeddings (md_jax.tools.build_text_cache)."""
+  return str(config.text.get("cache_dir", "") or "")
+
+
 def sample_noise(seed: int, indices: np.ndarray, shape) -> jax.Array:
   """Per-sample noise from (seed, sample index): independent of batch split and device count."""
   base = jax.random.key(seed)
@@ -181,6 +187,7 @@ class DiffusionObjective(loop.Objective):
     text_params = jax.jit(self.ld.text.init, out_shardings=shardings["text"],
                           compiler_options=state_lib.init_compiler_options())(
         jax.random.key(int(cfg.text.seed)))
+    self.verify_text_cache(text_params)
     return dict(text=text_params, vae=vae_params, latent_shift=got["frozen"]["latent_shift"],
                 latent_scale=got["frozen"]["latent_scale"])
 
@@ -199,17 +206,34 @@ class DiffusionObjective(loop.Objective):
     return got
 
   def data_iterator(self, process_index, process_count):
-    return vae_obj.make_data_iterator(self.config, process_index, process_count)
+    return vae_obj.make_data_iterator(self.config, process_index, process_count,
+                                      text_cache=text_cache_dir(self.config) or None)
 
   def host_batch(self, element):
-    return {"image": np.asarray(element["image"], np.float32),
-            "input_ids": np.asarray(element["input_ids"], np.int32)}
+    out = {"image": np.asarray(element["image"], np.float32),
+           "input_ids": np.asarray(element["input_ids"], np.int32)}
+    if "text_embedding" in element:  # precomputed by the frozen encoder: it is skipped in step
+      out["text_embedding"] = np.asarray(element["text_embedding"], np.float32)
+    return out
+
+  def verify_text_cache(self, text_params) -> None:
+    """Fails early if config.text.cache_dir was built with other text-encoder weights."""
+    directory = text_cache_dir(self.config)
+    if not directory:
+      return
+    cache = text_cache_lib.TextEmbeddingCache(directory)
+    cache.check(hidden_size=int(self.config.unet.context_dim))
+    fn = jax.jit(self.ld.encode_text, out_shardings=shd.replicated(self.mesh))
+    cache.verify_encoder(lambda ids: jax.device_get(fn({"text": text_params}, ids)))
 
   def loss(self, params, frozen, batch, rng, step):
     ld = self.ld
     z_rng, d_rng = jax.random.split(rng)
     z = ld.encode_images(frozen, batch["image"], z_rng)
-    context = ld.encode_text(frozen, batch["input_ids"])
+    if "text_embedding" in batch:
+      context = jax.lax.stop_gradient(batch["text_embedding"])
+    else:
+      context = ld.encode_text(frozen, batch["input_ids"])
     loss, aux = losses.diffusion_loss(
         ld.schedule, ld.unet_apply(params["unet"]), z, context, d_rng,
         loss_weighting=self.config.diffusion.loss_weighting,

@@ -71,7 +71,7 @@ def latent_stats_spec(config):
 
 
 def make_data_iterator(config, process_index, process_count, *, split="train", seed_offset=0,
-                       image_size=None, caption_dropout=None):
+                       image_size=None, caption_dropout=None, text_cache=None):
   tokenizer = pipeline.load_tokenizer(config.text.tokenizer_dir)
   return pipeline.make_shapes_iterator(
       split=split,
@@ -85,6 +85,7 @@ def make_data_iterator(config, process_index, process_count, *, split="train", s
       num_records=int(config.data.num_records),
       caption_dropout=float(config.data.caption_dropout if caption_dropout is None
                             else caption_dropout),
+      text_cache=text_cache,
   )
 
 
