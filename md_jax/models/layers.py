@@ -229,8 +229,12 @@ class GroupNorm(nnx.Module):
     b, c = shape[0], shape[-1]
     g = self.num_groups
     xg = x.astype(jnp.float32).reshape(b, -1, g, c // g)
-    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    # Means as sums of pre-scaled terms: jnp.mean exports as SUM then MUL, and the raw sum of
+    # squares over a 64x64 map already passes fp16's 65504 on the GPU delegate (tflite_export
+    # check); pre-scaled, every partial sum stays within the data's own range.
+    inv_n = 1.0 / (xg.shape[1] * xg.shape[3])
+    mean = jnp.sum(xg * inv_n, axis=(1, 3), keepdims=True)
+    var = jnp.sum(jnp.square(xg - mean) * inv_n, axis=(1, 3), keepdims=True)
     y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
     y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
