@@ -36,3 +36,12 @@ def test_conv_forward_is_a_plain_convolution():
   w = jnp.ones((3, 3, 3, 4))
   jaxpr = jax.make_jaxpr(lambda x, w: layers.conv2d(x, w))(x, w)
   assert "conv_general_dilated" in str(jaxpr)
+
+
+def test_upsample_nearest_matches_resize_including_the_1x1_case():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import upsample_nearest_2x  # pylint: disable=g-import-not-at-top
+  for h, w in ((1, 1), (2, 3), (4, 4)):
+    x = jnp.asarray(np.random.default_rng(h * 10 + w).normal(size=(2, h, w, 3)), jnp.float32)
+    ref = jax.image.resize(x, (2, 2 * h, 2 * w, 3), method="nearest")
+    np.testing.assert_array_equal(np.asarray(upsample_nearest_2x(x)), np.asarray(ref))

@@ -262,7 +262,12 @@ class LayerNorm(nnx.Module):
 def upsample_nearest_2x(x: Array) -> Array:
   # jax.image.resize 'nearest' is lowered by the TFLite converter to one RESIZE_NEAREST_NEIGHBOR
   # (checked, DESIGN 6); its jaxpr holds an index gather that export_safety knows to accept.
+  # A 1x1 map (the innermost level of a 32 px model) is the exception: the converter turns that
+  # resize into GATHER_ND, which the GPU delegate lacks; two concatenations do the same there.
   b, h, w, c = x.shape
+  if h == 1 and w == 1:
+    x = jnp.concatenate([x, x], axis=1)
+    return jnp.concatenate([x, x], axis=2)
   return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
 
 
