@@ -79,6 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Precomputed caption embeddings (python -m md_jax.tools.build_text_cache): the train step
       # then reads them instead of running the frozen encoder. "" = encode in the step.
       cache_dir="",
+      # A Hugging Face CLIP directory (config.json + safetensors, e.g. a local copy of
+      # openai/clip-vit-large-patch14): the frozen encoder's weights are read from it instead of
+      # the seeded init; the sizes above must match it, and tokenizer_dir should point at it too.
+      hf_dir="",
   ))
 
   c.vae = vae_lib.default_config()

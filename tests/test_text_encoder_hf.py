@@ -322,3 +322,36 @@ def test_vit_l14_size_parity(tmp_path):
   assert sum(int(x.size) for x in jax.tree.leaves(nnx.state(ours))) == 123_060_480
   ids = _tokens(directory)  # shapes-vocabulary ids are valid CLIP ids; 77 tokens each
   _assert_parity(ours, model, ids)
+
+
+def _diffusion_trainer_with_text(text_dir, vae_workdir, tmp_path, **text):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = tiny_config("lowres", vae_workdir=vae_workdir)
+  with config.unlocked():
+    config.text.update(dict(hf_dir=text_dir, tokenizer_dir=text_dir, vocab_size=VOCAB,
+                            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77,
+                            eos_token_id=EOS))
+    config.text.update(text)
+    config.unet.context_dim = config.text.hidden_size
+  return loop.Trainer(config, str(tmp_path))
+
+
+def test_diffusion_trainer_freezes_the_hf_text_encoder(text_dir, vae_workdir, tmp_path):
+  trainer = _diffusion_trainer_with_text(text_dir, vae_workdir, tmp_path)
+  frozen = trainer.objective.init_frozen(trainer.frozen_shardings)
+  want = hf_clip.load_text_params(text_dir)
+  got = jax.device_get(frozen["text"])
+  flat_w = jax.tree_util.tree_flatten_with_path(want)[0]
+  flat_g = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  assert len(flat_w) == len(flat_g)
+  for path, value in flat_w:
+    np.testing.assert_array_equal(np.asarray(flat_g[path]), value)
+
+
+def test_diffusion_trainer_names_a_text_size_that_differs_from_the_hf_dir(
+    text_dir, vae_workdir, tmp_path):
+  trainer = _diffusion_trainer_with_text(text_dir, vae_workdir, tmp_path, num_hidden_layers=1)
+  with pytest.raises(ValueError, match="config.text.num_hidden_layers=1"):
+    trainer.objective.init_frozen(trainer.frozen_shardings)

@@ -46,6 +46,26 @@ def text_spec(config, eos_token_id: int) -> ModelSpec:
   return ModelSpec("text", lambda rngs: text_lib.CLIPTextTransformer(cfg, rngs=rngs))
 
 
+_TEXT_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "max_position_embeddings", "hidden_act")
+
+
+def load_hf_text_params(config, hf_dir: str) -> dict:
+  """The frozen text encoder's params from a Hugging Face CLIP directory (config.text.hf_dir).
+
+  The run's config.text must describe the same tower (so the checkpoint and everything built
+  from it agree); a difference fails naming the key and the file.
+  """
+  from md_jax.models import hf_clip  # pylint: disable=g-import-not-at-top
+  hf_cfg = hf_clip.read_text_config(hf_dir)
+  for key in _TEXT_SIZE_KEYS:
+    want, got = config.text[key], hf_cfg[key]
+    if str(want) != str(got):
+      raise ValueError(f"config.text.{key}={want!r} but {os.path.join(hf_dir, 'config.json')} "
+                       f"has {key}={got!r}: set config.text to the checkpoint's sizes")
+  return hf_clip.load_text_params(hf_dir, hf_cfg, hidden_size=int(config.unet.context_dim))
+
+
 class LatentDiffusion:
   """The frozen pieces around the UNet: tokenizer, text encoder, VAE, latent statistics."""
 
@@ -184,9 +204,14 @@ class DiffusionObjective(loop.Objective):
           cfg.vae_workdir, {"params": {"vae": vae_abs}, "frozen": stats_abs})
       vae_params = got["params"]["vae"]
     logging.info("VAE from %s step %d", cfg.vae_workdir, step)
-    text_params = jax.jit(self.ld.text.init, out_shardings=shardings["text"],
-                          compiler_options=state_lib.init_compiler_options())(
-        jax.random.key(int(cfg.text.seed)))
+    hf_dir = str(cfg.text.get("hf_dir", "") or "")
+    if hf_dir:
+      text_params = jax.device_put(load_hf_text_params(cfg, hf_dir), shardings["text"])
+      logging.info("text encoder from %s", hf_dir)
+    else:
+      text_params = jax.jit(self.ld.text.init, out_shardings=shardings["text"],
+                            compiler_options=state_lib.init_compiler_options())(
+          jax.random.key(int(cfg.text.seed)))
     self.verify_text_cache(text_params)
     return dict(text=text_params, vae=vae_params, latent_shift=got["frozen"]["latent_shift"],
                 latent_scale=got["frozen"]["latent_scale"])
