@@ -250,7 +250,7 @@ def test_records_pipeline_shards_disjointly_and_restores(tmp_path, tokenizer):
   prepare.prepare([str(tmp_path / "imgs")], str(out), min_side=32, records_per_shard=5,
                   workers=1, progress=False)
   recs = _read_all(out)
-  kw = dict(directory=str(out), image_size=32, global_batch_size=8, process_count=2, seed=3,
+  kw = dict(source=str(out), image_size=32, global_batch_size=8, process_count=2, seed=3,
             tokenizer=tokenizer, max_length=16, num_threads=0)
   seen = []
   for p in range(2):
@@ -306,7 +306,7 @@ def test_bad_records_at_training_time_are_skipped_and_counted(tmp_path, tokenize
       format=records.INDEX_FORMAT, num_records=16,
       shards=[dict(path=records.shard_name(0), num_records=16)])))
   ds = pipeline.make_records_dataset(
-      directory=str(out), image_size=16, global_batch_size=4, process_index=0,
+      source=str(out), image_size=16, global_batch_size=4, process_index=0,
       process_count=1, seed=0, tokenizer=tokenizer, max_length=8, num_threads=0)
   batches = [b for _, b in zip(range(4), iter(ds))]  # one epoch
   idx = np.concatenate([b["record_index"] for b in batches])
@@ -325,5 +325,61 @@ def test_missing_index_and_small_dataset_errors(tmp_path, tokenizer):
                   progress=False)
   with pytest.raises(ValueError, match="holds 3 records, fewer than global_batch_size=4"):
     pipeline.make_records_iterator(
-        directory=str(tmp_path / "out"), image_size=16, global_batch_size=4, process_index=0,
+        source=str(tmp_path / "out"), image_size=16, global_batch_size=4, process_index=0,
         process_count=1, seed=0, tokenizer=tokenizer, max_length=8)
+
+
+def test_tfds_array_record_source(tmp_path, tokenizer):
+  """A tiny TFDS dataset (coco_captions-like features) built here in ArrayRecord format."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(encoding_format="jpeg"),
+          "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+      }))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(8)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        texts = [] if i == 5 else [f"shot {i} first", f"shot {i} second"]
+        yield i, {"image": np.full((40, 48, 3), 20 + 25 * i, np.uint8),
+                  "captions": {"text": texts}}
+
+  data_dir = str(tmp_path / "tfds")
+  TinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  src = records.open_source("tfds:tiny_captions:train", data_dir)
+  assert len(src) == 8
+  it = pipeline.make_records_iterator(
+      source="tfds:tiny_captions", tfds_data_dir=data_dir, image_size=16, global_batch_size=4,
+      process_index=0, process_count=1, seed=0, tokenizer=tokenizer, max_length=8,
+      num_threads=0)
+  batches = [next(it) for _ in range(2)]
+  assert sum(int(b["skipped"].sum()) for b in batches) == 1  # the example without captions
+  for b in batches:
+    for row, i in enumerate(b["record_index"]):
+      rec = records.decode_record(src[int(i)])
+      assert rec.caption in (f"shot {j} {w}" for j in range(8) for w in ("first", "second"))
+      j = int(rec.caption.split()[1])
+      np.testing.assert_allclose(b["image"][row], (20 + 25 * j) / 127.5 - 1, atol=0.04)
+      np.testing.assert_array_equal(b["input_ids"][row],
+                                    pipeline.tokenize(tokenizer, rec.caption, 8)[0])
+  bad = [k for k in range(8) if _no_caption(src, k)]
+  assert len(bad) == 1
+  with pytest.raises(records.CaptionError, match="no caption"):
+    src[bad[0]]
+  with pytest.raises(FileNotFoundError, match="tfds build no_such_set"):
+    records.open_source("tfds:no_such_set", data_dir)
+
+
+def _no_caption(src, k: int) -> bool:
+  try:
+    src[k]
+    return False
+  except records.CaptionError:
+    return True

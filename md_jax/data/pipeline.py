@@ -311,6 +311,8 @@ class _MakeRecordBatch:
       try:
         image, caption = decode_and_crop(self._source[i], self._size)
         return i, image, caption, k
+      except records.CaptionError:
+        self.failures["caption_bad"] += 1
       except records.RecordError:
         self.failures["record_malformed"] += 1
       except Exception:  # PIL: OSError, SyntaxError, ValueError, DecompressionBombError, ...
@@ -331,10 +333,11 @@ class _MakeRecordBatch:
     )
 
 
-def make_records_dataset(*, directory: str, image_size: int, global_batch_size: int,
+def make_records_dataset(*, source: str, image_size: int, global_batch_size: int,
                          process_index: int, process_count: int, seed: int, tokenizer,
                          max_length: int, caption_dropout: float = 0.0, num_threads: int = 1,
-                         prefetch_batches: int = 2, worker_count: int = 0) -> grain.IterDataset:
+                         prefetch_batches: int = 2, worker_count: int = 0,
+                         tfds_data_dir: str | None = None) -> grain.IterDataset:
   """The batched IterDataset behind make_records_iterator (same arguments)."""
   from md_jax.data import records
 
@@ -346,9 +349,10 @@ def make_records_dataset(*, directory: str, image_size: int, global_batch_size: 
                      f"multiple of process_count={process_count}")
   if not 0.0 <= caption_dropout <= 1.0:
     raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-  source = records.ImageTextSource(directory)
+  name = source
+  source = records.open_source(source, tfds_data_dir)
   if len(source) < global_batch_size:
-    raise ValueError(f"{directory} holds {len(source)} records, fewer than "
+    raise ValueError(f"{name} holds {len(source)} records, fewer than "
                      f"global_batch_size={global_batch_size}")
   order = grain.MapDataset.range(len(source)).shuffle(seed=seed % 2**32).repeat()
   rows = _ProcessRows(order, global_batch_size, process_index, process_count)
@@ -365,12 +369,17 @@ def make_records_dataset(*, directory: str, image_size: int, global_batch_size: 
   return it
 
 
-def make_records_iterator(*, directory: str, image_size: int, global_batch_size: int,
+def make_records_iterator(*, source: str, image_size: int, global_batch_size: int,
                           process_index: int, process_count: int, seed: int, tokenizer,
                           max_length: int, caption_dropout: float = 0.0, num_threads: int = 1,
                           prefetch_batches: int = 2,
-                          worker_count: int = 0) -> grain.DatasetIterator:
-  """Endless, checkpointable iterator over a prepared directory (md_jax.data.prepare).
+                          worker_count: int = 0,
+                          tfds_data_dir: str | None = None) -> grain.DatasetIterator:
+  """Endless, checkpointable iterator over prepared image-text records.
+
+  `source` is a directory written by md_jax.data.prepare, or "tfds:NAME[:SPLIT]" for a TFDS
+  dataset in ArrayRecord format under `tfds_data_dir` (records.TfdsImageTextSource; its
+  "image" and "captions/text" features, as in coco_captions).
 
   Same order and sharding rules as make_shapes_iterator: global batch k is positions
   [k*G, (k+1)*G) of a seeded, per-epoch reshuffled order of the records, and process p takes
@@ -382,7 +391,7 @@ def make_records_iterator(*, directory: str, image_size: int, global_batch_size:
   checkpoint handlers; num_threads / prefetch_batches / worker_count as in make_shapes_iterator.
   """
   return iter(make_records_dataset(
-      directory=directory, image_size=image_size, global_batch_size=global_batch_size,
+      source=source, image_size=image_size, global_batch_size=global_batch_size,
       process_index=process_index, process_count=process_count, seed=seed, tokenizer=tokenizer,
       max_length=max_length, caption_dropout=caption_dropout, num_threads=num_threads,
-      prefetch_batches=prefetch_batches, worker_count=worker_count))
+      prefetch_batches=prefetch_batches, worker_count=worker_count, tfds_data_dir=tfds_data_dir))

@@ -130,3 +130,90 @@ class ImageTextSource:
 
   def __repr__(self) -> str:
     return f"ImageTextSource({self.directory!r}, {self._len} records)"
+
+
+class CaptionError(RecordError):
+  """A record whose caption is missing, empty or not UTF-8."""
+
+
+def _get_path(example: Any, path: str, name: str) -> Any:
+  value = example
+  for part in path.split("/"):
+    if not isinstance(value, dict) or part not in value:
+      have = sorted(value) if isinstance(value, dict) else type(value).__name__
+      raise KeyError(f"TFDS dataset {name}: no feature {path!r} (at {part!r}; have {have})")
+    value = value[part]
+  return value
+
+
+class TfdsImageTextSource:
+  """grain source over a TFDS dataset in ArrayRecord format (``tfds.data_source``).
+
+  Each element is served in this module's record format (so the records pipeline treats it
+  like a prepared shard): the encoded image bytes of feature ``image_key`` (read without
+  decoding) and one caption from ``caption_key`` ("a/b" for nested features, e.g.
+  coco_captions' "captions/text"); when that holds several captions, one is picked per record
+  index, fixed across epochs. width/height are 0 (unknown until decoded). The dataset must
+  already be prepared in ``data_dir`` (nothing is downloaded), with file_format=array_record.
+  """
+
+  def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+               image_key: str = "image", caption_key: str = "captions/text"):
+    import tensorflow_datasets as tfds
+
+    self.name, self.split = name, split
+    self._caption_key = caption_key
+    self._image_key = image_key
+    decoders: dict[str, Any] = tfds.decode.SkipDecoding()
+    for part in reversed(image_key.split("/")):
+      decoders = {part: decoders}
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                      decoders=decoders)
+    except Exception as e:
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} split {split!r} is not prepared in ArrayRecord format under "
+          f"data_dir={data_dir!r} ({type(e).__name__}: {e}); prepare it with "
+          f"`tfds build {name} --file_format=array_record --data_dir=...`") from e
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _caption(self, example: dict, index: int) -> str:
+    value = _get_path(example, self._caption_key, self.name)
+    if not isinstance(value, (str, bytes)):
+      options = [v for v in list(value) if len(v)]
+      if not options:
+        raise CaptionError(f"{self.name}[{index}]: no caption in {self._caption_key!r}")
+      import numpy as np
+
+      value = options[int(np.random.default_rng([index, 0xCA9]).integers(len(options)))]
+    if isinstance(value, bytes):
+      try:
+        value = value.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise CaptionError(f"{self.name}[{index}]: caption is not UTF-8") from e
+    value = " ".join(str(value).split())
+    if not value:
+      raise CaptionError(f"{self.name}[{index}]: empty caption")
+    return value
+
+  def __getitem__(self, index: int) -> bytes:
+    example = self._source[int(index)]
+    image = _get_path(example, self._image_key, self.name)
+    if not isinstance(image, bytes):
+      image = bytes(getattr(image, "numpy", lambda: image)())
+    return encode_record(ImageTextRecord(caption=self._caption(example, int(index)), width=0,
+                                         height=0, format="", image=image,
+                                         key=f"{self.name}/{self.split}/{index}"))
+
+  def __repr__(self) -> str:
+    return f"TfdsImageTextSource({self.name!r}, split={self.split!r}, {len(self)} records)"
+
+
+def open_source(spec: str, tfds_data_dir: str | None = None, **tfds_kwargs):
+  """A prepared directory, or "tfds:NAME[:SPLIT]" for a TFDS dataset (split default train)."""
+  if spec.startswith("tfds:"):
+    name, _, split = spec[len("tfds:"):].partition(":")
+    return TfdsImageTextSource(name, split or "train", tfds_data_dir, **tfds_kwargs)
+  return ImageTextSource(spec)
