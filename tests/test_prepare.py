@@ -208,6 +208,13 @@ def test_csv_tsv_and_tar_inputs_through_the_cli_with_workers(tmp_path):
                   "tar caption 1", "tar caption 2", "json in tar"]
   rec = _read_all(out)[1]
   np.testing.assert_array_equal(_pixels(rec), np.asarray(_photo(40, 36, 21)))
+  # A tar cut off after its first key (inside a header, where tarfile itself stops silently):
+  # the first key survives, the lost tail counts once.
+  data = (d / "shard-0.tar").read_bytes()
+  _write(d / "cut.tar", data[:3000])
+  items = list(prepare.iter_items([str(d / "cut.tar")]))
+  assert [(i.key, i.error) for i in items] == [("cut.tar:<truncated>", "unreadable_file"),
+                                              ("cut.tar:part/0000", None)]
 
 
 def _good_folder(d, n: int, w: int = 48, h: int = 40) -> list[str]:
@@ -383,3 +390,14 @@ def _no_caption(src, k: int) -> bool:
     return False
   except records.CaptionError:
     return True
+
+
+def test_bench_input_measures_the_records_pipeline(tmp_path, tokenizer):
+  from md_jax.tools import bench_input
+
+  bench_input.synthetic_photos(str(tmp_path / "photos"), 4, 80, 64)
+  index = prepare.prepare([str(tmp_path / "photos")], str(tmp_path / "out"), min_side=64,
+                          workers=1, progress=False)
+  assert index["num_records"] == 4 and not index["skipped"]
+  wall, cpu = bench_input.measure(str(tmp_path / "out"), 32, 2, 2, tokenizer)
+  assert wall > 0 and cpu > 0

@@ -177,6 +177,23 @@ def _tar_key(name: str) -> tuple[str, str]:
   return os.path.join(d, stem), ext.lower()
 
 
+def _has_end_marker(path: str, tf: tarfile.TarFile) -> bool:
+  """Whether an uncompressed tar ends with its end-of-archive zero block after the last member.
+
+  tarfile stops silently when a file is cut between members; this tells that case apart from
+  a complete archive. Compressed tars are trusted (their decompressor reports truncation).
+  """
+  if not isinstance(tf.fileobj, (io.BufferedReader, io.FileIO)):
+    return True
+  try:
+    with open(path, "rb") as f:
+      f.seek(tf.offset)
+      block = f.read(tarfile.BLOCKSIZE)
+  except OSError:
+    return False
+  return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
+
+
 def _tar_items(path: str) -> Iterator[Item]:
   tag = os.path.basename(path)
   try:
@@ -195,8 +212,11 @@ def _tar_items(path: str) -> Iterator[Item]:
         data = f.read() if f is not None else None
         if data is not None:
           groups.setdefault(key, {})[ext] = data
+      truncated = not _has_end_marker(path, tf)
     except (OSError, tarfile.TarError, EOFError):
-      # A truncated tar: keep what was read; the tail counts as one unreadable file.
+      truncated = True
+    if truncated:
+      # Keep what was read; the lost tail counts as one unreadable file.
       yield Item(f"{tag}:<truncated>", error="unreadable_file")
     for key, members in groups.items():
       k = f"{tag}:{key}"
