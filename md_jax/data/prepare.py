@@ -8,7 +8,8 @@ Inputs (any mix, comma-separated):
     file of the same stem: ``name.txt`` (the whole file) or ``name.json`` (its "caption" or
     "text" field); sub-folders are walked, and .tar files found there are read as below;
   * a CSV or TSV file of ``path,caption`` rows (a header naming the columns path/file/image and
-    caption/text is optional); relative paths are relative to the CSV's folder;
+    caption/text is optional; one row per line, quoted fields may hold commas but not line
+    breaks); relative paths are relative to the CSV's folder;
   * a webdataset-style .tar shard: members grouped by key (the name up to the first dot after the
     last slash), one image member plus a .txt or .json caption member per key.
 
