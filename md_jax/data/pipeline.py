@@ -232,3 +232,166 @@ def decode_ids(tokenizer, input_ids: Any) -> list[str]:
   """Token ids (B, L) back to caption strings, for logging."""
   return [tokenizer.decode([int(t) for t in row], skip_special_tokens=True)
           for row in np.asarray(input_ids)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared image-text records (ArrayRecord shards from md_jax.data.prepare).
+
+_RECORDS_SALT = 7
+# How many following records a failed one may be replaced by before the batch gives up.
+_MAX_REPLACEMENTS = 64
+
+
+def decode_and_crop(data: bytes, image_size: int) -> tuple[np.ndarray, str]:
+  """Serialized record -> (uint8 (S, S, 3) centre crop resized to S = image_size, caption).
+
+  The shorter side is scaled to S and the centre square kept (JPEGs are decoded at a reduced
+  scale first when they are at least twice as large as needed). Raises RecordError or PIL's
+  errors on bad data.
+  """
+  import io
+
+  from PIL import Image
+
+  from md_jax.data import records
+
+  rec = records.decode_record(data)
+  img = Image.open(io.BytesIO(rec.image))
+  w, h = img.size
+  short = min(w, h)
+  if img.format == "JPEG" and short >= 2 * image_size:
+    img.draft("RGB", (-(-w * image_size // short), -(-h * image_size // short)))
+    w, h = img.size
+    short = min(w, h)
+  if img.mode != "RGB":
+    img = img.convert("RGB")  # prepare stores RGB; this only guards hand-made shards
+  left, top = (w - short) // 2, (h - short) // 2
+  img = img.resize((image_size, image_size), Image.Resampling.BICUBIC,
+                   box=(left, top, left + short, top + short))
+  arr = np.asarray(img, dtype=np.uint8)
+  if arr.shape != (image_size, image_size, 3):
+    raise ValueError(f"decoded image has shape {arr.shape}, expected "
+                     f"{(image_size, image_size, 3)}")
+  return arr, rec.caption
+
+
+class _MakeRecordBatch:
+  """Record indices (b,) -> batch of decoded, centre-cropped images and token ids.
+
+  A record that fails to decode is replaced by the next record (index + 1, + 2, ... modulo the
+  dataset size) that decodes, so batches keep their shape and stay a function of the indices;
+  each row's number of failed records is returned as ``skipped`` and the reasons are counted in
+  ``self.failures`` (of this process: with worker_count > 0 each worker keeps its own).
+  """
+
+  def __init__(self, source, image_size: int, tokenizer, max_length: int,
+               caption_dropout: float, seed: int):
+    import collections
+
+    self._source = source
+    self._size = int(image_size)
+    self._tokenizer = tokenizer
+    self._max_length = max_length
+    self._dropout = float(caption_dropout)
+    self._seed = seed
+    self.failures: collections.Counter = collections.Counter()
+
+  def _drop_caption(self, index: int) -> bool:
+    if self._dropout <= 0.0:
+      return False
+    rng = np.random.default_rng([self._seed, _RECORDS_SALT, index, 0xD20])
+    return bool(rng.random() < self._dropout)
+
+  def _load(self, index: int) -> tuple[int, np.ndarray, str, int]:
+    from md_jax.data import records
+
+    n = len(self._source)
+    for k in range(min(_MAX_REPLACEMENTS, n)):
+      i = (index + k) % n
+      try:
+        image, caption = decode_and_crop(self._source[i], self._size)
+        return i, image, caption, k
+      except records.CaptionError:
+        self.failures["caption_bad"] += 1
+      except records.RecordError:
+        self.failures["record_malformed"] += 1
+      except Exception:  # PIL: OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        self.failures["image_corrupt"] += 1
+    raise RuntimeError(f"{self._source}: records {index}..{index + k} all failed to decode "
+                       f"({dict(self.failures)}); is this a prepared directory?")
+
+  def __call__(self, indices) -> dict:
+    indices = [int(i) for i in np.asarray(indices).reshape(-1)]
+    loaded = [self._load(i) for i in indices]
+    texts = ["" if self._drop_caption(i) else c for i, _, c, _ in loaded]
+    images = np.stack([im for _, im, _, _ in loaded]).astype(np.float32)
+    return dict(
+        image=images * np.float32(2.0 / 255.0) - np.float32(1.0),
+        input_ids=tokenize(self._tokenizer, texts, self._max_length),
+        record_index=np.array([i for i, _, _, _ in loaded], np.int32),
+        skipped=np.array([k for _, _, _, k in loaded], np.int32),
+    )
+
+
+def make_records_dataset(*, source: str, image_size: int, global_batch_size: int,
+                         process_index: int, process_count: int, seed: int, tokenizer,
+                         max_length: int, caption_dropout: float = 0.0, num_threads: int = 1,
+                         prefetch_batches: int = 2, worker_count: int = 0,
+                         tfds_data_dir: str | None = None) -> grain.IterDataset:
+  """The batched IterDataset behind make_records_iterator (same arguments)."""
+  from md_jax.data import records
+
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got "
+                     f"{process_index=} {process_count=}")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive "
+                     f"multiple of process_count={process_count}")
+  if not 0.0 <= caption_dropout <= 1.0:
+    raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+  name = source
+  source = records.open_source(source, tfds_data_dir)
+  if len(source) < global_batch_size:
+    raise ValueError(f"{name} holds {len(source)} records, fewer than "
+                     f"global_batch_size={global_batch_size}")
+  order = grain.MapDataset.range(len(source)).shuffle(seed=seed % 2**32).repeat()
+  rows = _ProcessRows(order, global_batch_size, process_index, process_count)
+  ds = rows.batch(global_batch_size // process_count, drop_remainder=True)
+  ds = ds.map(_MakeRecordBatch(source, image_size, tokenizer, max_length, caption_dropout, seed))
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads, 1)))
+  if worker_count > 0:
+    from absl import flags  # grain workers read absl flags
+
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+def make_records_iterator(*, source: str, image_size: int, global_batch_size: int,
+                          process_index: int, process_count: int, seed: int, tokenizer,
+                          max_length: int, caption_dropout: float = 0.0, num_threads: int = 1,
+                          prefetch_batches: int = 2,
+                          worker_count: int = 0,
+                          tfds_data_dir: str | None = None) -> grain.DatasetIterator:
+  """Endless, checkpointable iterator over prepared image-text records.
+
+  `source` is a directory written by md_jax.data.prepare, or "tfds:NAME[:SPLIT]" for a TFDS
+  dataset in ArrayRecord format under `tfds_data_dir` (records.TfdsImageTextSource; its
+  "image" and "captions/text" features, as in coco_captions).
+
+  Same order and sharding rules as make_shapes_iterator: global batch k is positions
+  [k*G, (k+1)*G) of a seeded, per-epoch reshuffled order of the records, and process p takes
+  rows [p*G/P, (p+1)*G/P) of it. Yields dict(image=float32 (b, S, S, 3) in [-1, 1] (shorter
+  side resized to S = image_size, centre square), input_ids=int32 (b, max_length),
+  record_index=int32 (b,) (the record each row holds), skipped=int32 (b,) (records that failed
+  to decode and were passed over to fill the row; sum it for a metric)), b = G / P. Bad
+  records never raise; see _MakeRecordBatch. Supports get_state()/set_state() and grain's orbax
+  checkpoint handlers; num_threads / prefetch_batches / worker_count as in make_shapes_iterator.
+  """
+  return iter(make_records_dataset(
+      source=source, image_size=image_size, global_batch_size=global_batch_size,
+      process_index=process_index, process_count=process_count, seed=seed, tokenizer=tokenizer,
+      max_length=max_length, caption_dropout=caption_dropout, num_threads=num_threads,
+      prefetch_batches=prefetch_batches, worker_count=worker_count, tfds_data_dir=tfds_data_dir))
