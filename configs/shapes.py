@@ -58,6 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_records=1_000_000,
       caption_dropout=0.1,  # empty-prompt rows train the unconditional branch for CFG
       max_length=16,  # captions are <= ~12 words; CLIP's 77 would only add padding
+      # "" = the procedural shapes data. A directory written by `python -m md_jax.data.prepare`
+      # or "tfds:NAME[:SPLIT]" (an ArrayRecord TFDS dataset under tfds_data_dir) trains these
+      # models on real image-text records instead (evaluation stays on shapes prompts).
+      source="",
+      tfds_data_dir="",
   ))
 
   # CLIP-architecture causal text transformer over the tiny shapes vocabulary. Frozen at its

@@ -401,3 +401,37 @@ def test_bench_input_measures_the_records_pipeline(tmp_path, tokenizer):
   assert index["num_records"] == 4 and not index["skipped"]
   wall, cpu = bench_input.measure(str(tmp_path / "out"), 32, 2, 2, tokenizer)
   assert wall > 0 and cpu > 0
+
+
+@pytest.mark.slow
+def test_prepared_folder_trains_the_vae_and_reports_skipped_records(tmp_path):
+  """The shared loop reads real records through config.data.source, bad ones included."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordWriter
+  src = tmp_path / "imgs"
+  _good_folder(src, 12, w=80, h=64)
+  out = tmp_path / "records"
+  index = prepare.prepare([str(src)], str(out), min_side=32, max_aspect=2.0,
+                          max_caption_chars=300, records_per_shard=100, workers=1,
+                          progress=False)
+  assert index["num_records"] == 12
+  # One more shard holding a record that only fails when decoded during training.
+  writer = ArrayRecordWriter(str(out / records.shard_name(1)), records.WRITER_OPTIONS)
+  writer.write(records.encode_record(records.ImageTextRecord(
+      "broken", 64, 64, "JPEG", b"\xff\xd8\xff garbage")))
+  writer.close()
+  meta = json.loads((out / "index.json").read_text())
+  meta["shards"].append(dict(path=records.shard_name(1), num_records=1))
+  meta["num_records"] = 13
+  (out / "index.json").write_text(json.dumps(meta))
+
+  config = tiny_config("vae", eval_at_end=False, num_train_steps=3)
+  with config.unlocked():
+    config.data.source = str(out)
+    config.global_batch_size = 13  # every record in each batch, so the broken one shows up
+    config.mesh_shape = (1, 1, 1)
+  result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert result["step"] == 3
+  assert np.isfinite(result["metrics"]["loss"])
+  assert result["metrics"]["data/skipped_records"] == 1.0

@@ -239,6 +239,8 @@ class DiffusionObjective(loop.Objective):
            "input_ids": np.asarray(element["input_ids"], np.int32)}
     if "text_embedding" in element:  # precomputed by the frozen encoder: it is skipped in step
       out["text_embedding"] = np.asarray(element["text_embedding"], np.float32)
+    if "skipped" in element:  # real records: bad ones passed over (reported as a metric)
+      out["skipped"] = np.asarray(element["skipped"], np.int32)
     return out
 
   def verify_text_cache(self, text_params) -> None:

@@ -372,6 +372,8 @@ class Trainer:
     new_state = dict(step=step + 1, params=params, opt_state=opt_state, ema_params=ema,
                      frozen=state["frozen"])
     out["learning_rate"] = optim.learning_rate_schedule(cfg.optim, cfg.num_train_steps)(step)
+    if "skipped" in batch:  # input records that failed to decode and were passed over
+      out["data/skipped_records"] = jnp.sum(batch["skipped"]).astype(jnp.float32)
     out["finite"] = finite.astype(jnp.float32)
     out["param_norm"] = optax.global_norm(params)
     return new_state, out

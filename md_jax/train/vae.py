@@ -73,6 +73,25 @@ def latent_stats_spec(config):
 def make_data_iterator(config, process_index, process_count, *, split="train", seed_offset=0,
                        image_size=None, caption_dropout=None, text_cache=None):
   tokenizer = pipeline.load_tokenizer(config.text.tokenizer_dir)
+  source = str(config.data.get("source", "") or "")
+  if source:
+    # Real image-text records (python -m md_jax.data.prepare, or tfds:NAME[:SPLIT]).
+    if text_cache:
+      raise ValueError("config.text.cache_dir works with the shapes data only; clear it or "
+                       f"config.data.source={source!r}")
+    return pipeline.make_records_iterator(
+        source=source,
+        tfds_data_dir=str(config.data.get("tfds_data_dir", "") or "") or None,
+        image_size=int(image_size or config.data.image_size),
+        global_batch_size=int(config.global_batch_size),
+        process_index=process_index,
+        process_count=process_count,
+        seed=int(config.data.seed) + seed_offset,
+        tokenizer=tokenizer,
+        max_length=int(config.data.max_length),
+        caption_dropout=float(config.data.caption_dropout if caption_dropout is None
+                              else caption_dropout),
+    )
   return pipeline.make_shapes_iterator(
       split=split,
       image_size=int(image_size or config.data.image_size),
@@ -160,7 +179,10 @@ class VAEObjective(loop.Objective):
     return make_data_iterator(self.config, process_index, process_count, caption_dropout=0.0)
 
   def host_batch(self, element):
-    return {"image": np.asarray(element["image"], np.float32)}
+    out = {"image": np.asarray(element["image"], np.float32)}
+    if "skipped" in element:  # real records: bad ones passed over (reported as a metric)
+      out["skipped"] = np.asarray(element["skipped"], np.int32)
+    return out
 
   def loss(self, params, frozen, batch, rng, step):
     model = self.spec.bind(params["vae"])
