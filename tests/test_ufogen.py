@@ -15,6 +15,15 @@ from md_jax.train import sharding as shd
 from md_jax.train import ufogen
 
 
+# A two-level UNet (FullConv level, then SPConv with SA + CA): every UNet piece, a third of the
+# tiny shapes UNet's ops. The GAN step holds three UNet passes and two backward passes, and its
+# trace and lowering dominate these tests.
+MICRO_UNET = {"unet.channels": (8, 16), "unet.down_blocks": (1, 1), "unet.up_blocks": (2, 2),
+              "unet.down_conv": ("full", "sep"), "unet.up_conv": ("full", "sep"),
+              "unet.down_depth": (0, 1), "unet.up_depth": (0, 1), "unet.self_attn": (False, True),
+              "unet.time_embed_dim": 16}
+
+
 def _ufogen_config(arg: str, init_from: str, **overrides):
   config = config_loading.load_config(f"configs/ufogen.py:{arg}")
   base = tiny_config("lowres")  # the test-wide settings (compilation cache, no progress bar)
@@ -27,7 +36,7 @@ def _ufogen_config(arg: str, init_from: str, **overrides):
     config.optim.schedule = "constant"
     config.optim.learning_rate = 1e-3
     config.ufogen.disc.learning_rate = 1e-3
-    for key, value in overrides.items():
+    for key, value in {**MICRO_UNET, **overrides}.items():
       node = config
       parts = key.split(".")
       for p in parts[:-1]:
@@ -40,8 +49,9 @@ def _ufogen_config(arg: str, init_from: str, **overrides):
 def pretrained(vae_workdir, tmp_path_factory):
   """A tiny pretrained diffusion run (lowres, two steps) that UFOGen finetunes."""
   workdir = str(tmp_path_factory.mktemp("diffusion"))
-  loop.train_and_evaluate(tiny_config("lowres", vae_workdir=vae_workdir, num_train_steps=2,
-                                      eval_at_end=False), workdir)
+  config = tiny_config("lowres", vae_workdir=vae_workdir, num_train_steps=2, eval_at_end=False,
+                       **MICRO_UNET)
+  loop.train_and_evaluate(config, workdir)
   return workdir
 
 
