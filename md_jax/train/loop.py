@@ -142,6 +142,7 @@ def get_objective(name: str):
   # Trainer modules register themselves on import.
   from md_jax.train import diffusion as _diffusion  # noqa: F401  pylint: disable=g-import-not-at-top
   from md_jax.train import vae as _vae  # noqa: F401  pylint: disable=g-import-not-at-top
+  from md_jax.train import ufogen as _ufogen  # noqa: F401  pylint: disable=g-import-not-at-top
   if name not in _OBJECTIVES:
     raise ValueError(f"config.trainer={name!r} is unknown; choose one of {sorted(_OBJECTIVES)}")
   return _OBJECTIVES[name]

@@ -1,0 +1,75 @@
+"""UFOGen one-step finetune (paper sec. 4, Table 5) of a pretrained shapes diffusion run.
+
+``--config=configs/ufogen.py:[RECON][,FINETUNE][,SIZE] --config.init_from=WORKDIR`` where
+  RECON     diffusion (default, the paper's pick) | distill | ema   - the reconstruction term
+  FINETUNE  full (default) | lora                                    - what of G is trained
+  SIZE      full (default) | smoke | tiny                            - as configs/shapes.py
+in any order, so the six cells of Table 5 are six config args (e.g. ``distill,lora``).
+``init_from`` is the pretrained diffusion run (for the shapes chain: QUICKSTART_DIR/highres, or
+the relu-finetuned run when the attention is relu); text encoder, VAE and latent statistics come
+from its checkpoint. The network is the shapes highres one (configs/shapes.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from md_jax.train import ufogen
+
+SIZES = ("full", "smoke", "tiny")
+
+
+def _shapes_module():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
+  spec = importlib.util.spec_from_file_location("md_jax_config_shapes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def parse_arg(arg: str | None) -> tuple[str, str, str]:
+  recon, finetune, size = "diffusion", "full", "full"
+  for tok in [p for p in (arg or "").replace(":", ",").split(",") if p]:
+    if tok in ufogen.RECON_TERMS:
+      recon = tok
+    elif tok in ufogen.FINETUNE_KINDS:
+      finetune = tok
+    elif tok in SIZES:
+      size = tok
+    else:
+      raise ValueError(f"configs/ufogen.py:{arg}: unknown part {tok!r}; expected a "
+                       f"reconstruction term {ufogen.RECON_TERMS}, {ufogen.FINETUNE_KINDS} or a "
+                       f"size {SIZES}")
+  return recon, finetune, size
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  recon, finetune, size = parse_arg(arg)
+  c = _shapes_module().get_config(f"highres,{size}")
+  c.stage = "ufogen"
+  c.trainer = "ufogen"
+  c.init_from = ""  # required: the pretrained diffusion run
+  c.vae_workdir = ""  # unused: the VAE comes from init_from's checkpoint
+  c.ufogen = ufogen.default_config()
+  c.ufogen.recon = recon
+  c.ufogen.finetune = finetune
+  c.data.caption_dropout = 0.0  # the one-step generator runs without CFG
+  # Evaluation: the one-step generator (1 trailing DDIM step from t = T-1 is exactly
+  # x0 = convert(G(x_T, T-1, c))), no guidance.
+  c.sample.num_steps = 1
+  c.sample.guidance_scale = 1.0
+  # ours: a finetune at a tenth of pretraining's peak lr, short warmup.
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 20
+  c.ufogen.disc.learning_rate = 1e-4
+  if size == "full":
+    c.num_train_steps = 300
+  elif size == "smoke":
+    c.num_train_steps = 20
+    c.optim.warmup_steps = 2
+  else:
+    c.optim.warmup_steps = 1
+  return c

@@ -1,0 +1,265 @@
+"""UFOGen one-step finetuning of a pretrained diffusion UNet (paper sec. 4, eq. 1-3; DESIGN 3).
+
+Two trainable groups on the shared loop:
+  * ``unet`` - the generator G, initialised from the pretrained run (its EMA when it kept one).
+    Named like the diffusion objective's UNet, so sampling, evaluation and export read a UFOGen
+    checkpoint exactly as a diffusion one; its one-step output is x0' = convert(G(x_t, t, c)).
+  * ``disc`` - the discriminator D: the same UNet structure with a one-channel output layer,
+    initialised from the same pretrained weights, the output layer reset to zero. Its per-location
+    logits are averaged over locations (paper 4.1), so D is exactly 0 (undecided) at the start.
+
+One train step runs two phases on the same batch and the same noise draws: D first
+(softplus(-D(x_{t-1})) + softplus(D(x'_{t-1}))), then G against the updated D
+(softplus(-D(x'_{t-1})) plus the reconstruction term), where x_t ~ q(x_t|x0),
+x0' = G(x_t, t), x_{t-1} ~ q(x_{t-1}|x0), x'_{t-1} ~ q(x_{t-1}|x0') and D sees timestep t-1.
+
+The frozen text encoder, VAE and latent statistics are read from the pretrained run's
+checkpoint, so a finetune needs nothing but ``init_from``. The ``distill`` reconstruction term
+also keeps the pretrained UNet as a frozen teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from md_jax.diffusion import schedule as sch
+from md_jax.models import unet as unet_lib
+from md_jax.train import checkpoint as ckpt_lib
+from md_jax.train import diffusion as diff_obj
+from md_jax.train import loop
+from md_jax.train.state import ModelSpec
+
+RECON_TERMS = ("diffusion", "distill", "ema")
+FINETUNE_KINDS = ("full", "lora")
+RECON_WEIGHTINGS = ("prediction", "none", "min_snr")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """``config.ufogen``: the GAN finetune's own knobs."""
+  return ml_collections.ConfigDict(dict(
+      recon="diffusion",  # diffusion | distill | ema (Table 5 rows)
+      finetune="full",  # full | lora (Table 5 columns; LoRA on G only)
+      recon_weight=1.0,  # lambda
+      # gamma_t: 'prediction' makes lambda*gamma_t*||x0 - x0'||^2 the pretraining loss of the
+      # prediction type at t (v: snr + 1, eps: snr, x0: 1); 'none': 1; 'min_snr': min(snr, 5).
+      recon_weighting="prediction",
+      min_snr_gamma=5.0,
+      adv_weight=1.0,  # 0 turns the adversarial term off (one-step regression only)
+      timestep_gap=1,  # D judges x_{t-gap}; the paper's x_{t-1}
+      disc=ml_collections.ConfigDict(dict(
+          learning_rate=1e-4,
+          b1=0.0,
+          b2=0.99,
+          every=1,  # D updates at steps where step % every == 0
+      )),
+  ))
+
+
+def disc_unet_config(config) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(config.unet.to_dict())
+  cfg.out_channels = 1  # one logit per location
+  return cfg
+
+
+def disc_spec(config) -> ModelSpec:
+  cfg = disc_unet_config(config)
+  return ModelSpec("disc", lambda rngs: unet_lib.UNet(cfg, rngs=rngs,
+                                                       dtype=jnp.dtype(config.compute_dtype)))
+
+
+def _check_config(u) -> None:
+  if u.recon not in RECON_TERMS:
+    raise ValueError(f"config.ufogen.recon={u.recon!r}: expected one of {RECON_TERMS}")
+  if u.finetune not in FINETUNE_KINDS:
+    raise ValueError(f"config.ufogen.finetune={u.finetune!r}: expected one of {FINETUNE_KINDS}")
+  if u.finetune == "lora":
+    raise NotImplementedError(
+        "config.ufogen.finetune='lora' is not implemented yet; use config.ufogen.finetune='full'")
+  if u.recon == "ema":
+    raise NotImplementedError(
+        "config.ufogen.recon='ema' (distillation against the generator's EMA) is not implemented "
+        "yet: the loss cannot read the EMA params; use 'diffusion' or 'distill'")
+  if u.recon_weighting not in RECON_WEIGHTINGS:
+    raise ValueError(f"config.ufogen.recon_weighting={u.recon_weighting!r}: expected one of "
+                     f"{RECON_WEIGHTINGS}")
+  if int(u.timestep_gap) < 1:
+    raise ValueError(f"config.ufogen.timestep_gap={u.timestep_gap} must be >= 1")
+
+
+def recon_weight(sched: sch.NoiseSchedule, t: jax.Array, kind: str, gamma: float) -> jax.Array:
+  """gamma_t, the per-timestep weight of ||x0 - x0'||^2."""
+  s = sch.snr(sched, t)
+  if kind == "none":
+    return jnp.ones_like(s)
+  if kind == "min_snr":
+    return jnp.minimum(s, gamma)
+  p = sched.prediction_type
+  if p == "v":
+    return s + 1.0
+  if p == "eps":
+    return s
+  return jnp.ones_like(s)
+
+
+@loop.register("ufogen")
+class UFOGenObjective(diff_obj.DiffusionObjective):
+  """G and D from one pretrained diffusion run; D's phase, then G's, in every step."""
+
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh)
+    self.u = config.ufogen
+    _check_config(self.u)
+    self.disc = disc_spec(config)
+    if not config.init_from:
+      raise ValueError("config.init_from is empty: UFOGen finetunes a pretrained diffusion run; "
+                       "pass --config.init_from=WORKDIR_OF_THE_DIFFUSION_RUN")
+
+  # -- groups -----------------------------------------------------------------------------------
+  @property
+  def trainable(self):
+    return {"unet": self.ld.unet, "disc": self.disc}
+
+  def optim_config(self, group):
+    if group != "disc":
+      return self.config.optim
+    d = self.u.disc
+    cfg = ml_collections.ConfigDict(self.config.optim.to_dict())
+    cfg.learning_rate = float(d.learning_rate)
+    cfg.b1, cfg.b2 = float(d.b1), float(d.b2)
+    cfg.weight_decay = 0.0
+    return cfg
+
+  def phases(self):
+    return [loop.Phase("d", ("disc",), self.d_loss, every=int(self.u.disc.every)),
+            loop.Phase("g", ("unet",), self.loss)]
+
+  def ema_groups(self):
+    return ("unet",)
+
+  @property
+  def uses_teacher(self) -> bool:
+    return self.u.recon == "distill"
+
+  # -- frozen: text encoder, VAE, latent stats (and the teacher) from the pretrained run ---------
+  def frozen_spec(self):
+    abstract, logical = self.ld.frozen_spec()
+    if self.uses_teacher:
+      abstract = dict(abstract, teacher=self.ld.unet.abstract_params)
+      logical = dict(logical, teacher=self.ld.unet.logical)
+    return abstract, logical
+
+  def _restore_unet(self, abstract_unet):
+    """The pretrained UNet (its EMA if the run kept one) placed like ``abstract_unet``."""
+    src = self.config.init_from
+    try:
+      got, step = ckpt_lib.restore_subset(src, {"ema_params": {"unet": abstract_unet}})
+      return got["ema_params"]["unet"], step, "ema_params"
+    except ckpt_lib.MissingStateError:
+      got, step = ckpt_lib.restore_subset(src, {"params": {"unet": abstract_unet}})
+      return got["params"]["unet"], step, "params"
+
+  def init_frozen(self, shardings):
+    abstract, _ = self.ld.frozen_spec()
+    want = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, {k: shardings[k] for k in abstract})
+    got, step = ckpt_lib.restore_subset(self.config.init_from, {"frozen": want})
+    frozen = dict(got["frozen"])
+    logging.info("text encoder, VAE and latent stats from %s step %d", self.config.init_from, step)
+    self.verify_text_cache(frozen["text"])
+    if self.uses_teacher:
+      teacher_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 self.ld.unet.abstract_params, shardings["teacher"])
+      frozen["teacher"], _, which = self._restore_unet(teacher_abs)
+      logging.info("teacher: %s.unet of %s", which, self.config.init_from)
+    return frozen
+
+  def load_init_from(self, abstract):
+    """G (and its EMA) = the pretrained UNet; D = a copy of it with a zero one-channel head."""
+    unet, step, which = self._restore_unet(abstract["params"]["unet"])
+    logging.info("G and D initialised from %s.unet of %s step %d", which, self.config.init_from,
+                 step)
+    d_abs = abstract["params"]["disc"]
+    disc = {}
+    for k, v in unet.items():
+      if k == "conv_out":
+        disc[k] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                               d_abs[k])
+      else:
+        # Distinct buffers: the step donates its state, and G and D must not share one.
+        disc[k] = jax.tree.map(jnp.copy, v)
+    if set(disc) != set(d_abs):
+      raise ValueError(f"discriminator params {sorted(d_abs)} do not match the pretrained UNet's "
+                       f"{sorted(unet)}")
+    out = {"params": {"unet": unet, "disc": disc}}
+    if abstract.get("ema_params") is not None:
+      out["ema_params"] = {"unet": jax.tree.map(jnp.copy, unet)}
+    return out
+
+  # -- the step -------------------------------------------------------------------------------
+  def discriminate(self, disc_params, x, t, context):
+    """D's logit per example: the mean of its per-location logits."""
+    logits = self.disc.bind(disc_params)(x, t.astype(jnp.float32), context)
+    return jnp.mean(logits.astype(jnp.float32), axis=tuple(range(1, logits.ndim)))
+
+  def generate_x0(self, unet_params, x_t, t, context):
+    pred = self.ld.unet_apply(unet_params)(x_t, t.astype(jnp.float32), context)
+    return sch.pred_to_x0(self.ld.schedule, pred.astype(jnp.float32), x_t, t)
+
+  def _draws(self, params, frozen, batch, step):
+    """Everything both phases share: the same latents, timesteps, noisy inputs and G's x0'."""
+    ld = self.ld
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(self.config.seed)), step),
+                             0x0F06)
+    z_rng, t_rng, n_rng, r_rng, f_rng = jax.random.split(key, 5)
+    z = ld.encode_images(frozen, batch["image"], z_rng)
+    if "text_embedding" in batch:
+      context = jax.lax.stop_gradient(batch["text_embedding"])
+    else:
+      context = ld.encode_text(frozen, batch["input_ids"])
+    b = z.shape[0]
+    gap = int(self.u.timestep_gap)
+    t = jax.random.randint(t_rng, (b,), gap, ld.schedule.num_timesteps, dtype=jnp.int32)
+    t_prev = t - gap
+    x_t = sch.q_sample(ld.schedule, z, t, jax.random.normal(n_rng, z.shape, jnp.float32))
+    x0_fake = self.generate_x0(params["unet"], x_t, t, context)
+    real_prev = sch.q_sample(ld.schedule, z, t_prev,
+                             jax.random.normal(r_rng, z.shape, jnp.float32))
+    noise_fake = jax.random.normal(f_rng, z.shape, jnp.float32)
+    return dict(z=z, context=context, t=t, t_prev=t_prev, x_t=x_t, x0_fake=x0_fake,
+                real_prev=real_prev, noise_fake=noise_fake)
+
+  def d_loss(self, params, frozen, batch, rng, step):
+    d = self._draws(params, frozen, batch, step)
+    fake_prev = sch.q_sample(self.ld.schedule, jax.lax.stop_gradient(d["x0_fake"]), d["t_prev"],
+                             d["noise_fake"])
+    real = self.discriminate(params["disc"], d["real_prev"], d["t_prev"], d["context"])
+    fake = self.discriminate(params["disc"], fake_prev, d["t_prev"], d["context"])
+    loss = jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
+    acc = 0.5 * (jnp.mean((real > 0).astype(jnp.float32)) + jnp.mean((fake < 0).astype(jnp.float32)))
+    return loss, dict(real_logit=jnp.mean(real), fake_logit=jnp.mean(fake), accuracy=acc)
+
+  def loss(self, params, frozen, batch, rng, step):
+    u = self.u
+    sched = self.ld.schedule
+    d = self._draws(params, frozen, batch, step)
+    x0_fake = d["x0_fake"]
+    fake_prev = sch.q_sample(sched, x0_fake, d["t_prev"], d["noise_fake"])
+    # D's params are not differentiated in this phase; the gradient reaches G through x'_{t-1}.
+    fake = self.discriminate(params["disc"], fake_prev, d["t_prev"], d["context"])
+    adv = jnp.mean(jax.nn.softplus(-fake))
+    if u.recon == "distill":
+      pred = self.ld.unet_apply(frozen["teacher"])(d["x_t"], d["t"].astype(jnp.float32),
+                                                    d["context"])
+      target = jax.lax.stop_gradient(sch.pred_to_x0(sched, pred.astype(jnp.float32), d["x_t"],
+                                                    d["t"]))
+    else:  # diffusion
+      target = d["z"]
+    err = jnp.mean(jnp.square(target - x0_fake), axis=tuple(range(1, x0_fake.ndim)))
+    gamma = recon_weight(sched, d["t"], u.recon_weighting, float(u.min_snr_gamma))
+    recon = jnp.mean(gamma * err)
+    loss = float(u.adv_weight) * adv + float(u.recon_weight) * recon
+    return loss, dict(g_adv=adv, recon=recon, x0_mse=jnp.mean(err), g_fake_logit=jnp.mean(fake))
