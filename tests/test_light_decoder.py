@@ -74,3 +74,54 @@ def test_light_decoder_trains_against_frozen_encoder(vae_workdir, tmp_path):
   with open(os.path.join(workdir, "eval_light_decoder.json")) as f:
     ev = json.load(f)
   assert np.isfinite(ev["eval/recon_psnr"])
+
+
+def test_light_decoder_export_safe():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from md_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.models.export_safety import check_jaxpr  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import KeyStream  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("light_decoder").vae
+  with nnx.use_eager_sharding(False):
+    dec = nnx.eval_shape(lambda: vae_lib.Decoder(cfg, rngs=KeyStream(0)))
+  graphdef, state = nnx.split(dec)
+  fn = lambda s, z: nnx.merge(graphdef, s)(z)
+  assert check_jaxpr(fn, state, jnp.zeros((1, 2, 2, cfg.latent_channels))) == []
+
+
+def test_full_size_configs():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from md_jax import config_loading  # pylint: disable=g-import-not-at-top
+  from md_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import KeyStream  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import count_params  # pylint: disable=g-import-not-at-top
+  full = config_loading.load_config("configs/vae.py")
+  light = config_loading.load_config("configs/vae_light_decoder.py")
+  assert full.trainer == "vae" and light.trainer == "vae_light_decoder"
+  assert vae_lib.downsample_factor(full.vae) == 8 and full.vae.latent_channels == 8
+  assert tuple(full.vae.channels) == (128, 256, 512, 512)  # SD's widths
+  assert full.vae.adversarial.weight > 0 and full.vae.adversarial.start_step > 0
+  assert full.vae.perceptual.weight == 0  # off until LPIPS weights are given
+  assert light.vae.kl_weight == 0
+  assert 0 < light.vae.adversarial.weight < full.vae.adversarial.weight
+  # Same encoder as the VAE run (so its checkpoint restores), a much smaller decoder.
+  for key in ("channels", "num_res_blocks", "latent_channels", "norm_groups", "mid_attention"):
+    assert light.vae[key] == full.vae[key], key
+  with nnx.use_eager_sharding(False):
+    dec = lambda cfg: nnx.eval_shape(lambda: vae_lib.Decoder(cfg, rngs=KeyStream(0)))
+    n_full, n_light = count_params(dec(full.vae)), count_params(dec(light.vae))
+  assert n_light < n_full / 3
+
+
+def test_perceptual_weight_without_files_is_refused():
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  config = tiny_config("vae")
+  with config.unlocked():
+    config.vae.perceptual = vae_obj.default_perceptual_config()
+    config.vae.perceptual.weight = 0.1
+  with pytest.raises(ValueError, match="perceptual.vgg16"):
+    vae_obj.check_perceptual_config(config)
+  with config.unlocked():
+    config.vae.perceptual.weight = 0.0
+  vae_obj.check_perceptual_config(config)  # disabled: no files needed
