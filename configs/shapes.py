@@ -100,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   c.vae.adversarial = vae_trainer.default_adversarial_config()
   c.vae.adversarial.update(dict(channels=(32, 64), norm_groups=8))
+  c.vae.perceptual = vae_trainer.default_perceptual_config()  # LPIPS: off (needs local weights)
 
   # The MD UNet's structure (Table 6 block pattern) at shapes size.
   c.unet = unet_lib.default_config("md")

@@ -114,14 +114,15 @@ def test_full_size_configs():
   assert n_light < n_full / 3
 
 
-def test_perceptual_weight_without_files_is_refused():
+def test_perceptual_weight_without_files_is_refused(tmp_path):
   from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
-  config = tiny_config("vae")
+  config = tiny_config("vae", **{"vae.perceptual.weight": 0.1})
+  with pytest.raises(FileNotFoundError, match=r"perceptual.weights=''"):
+    vae_obj.perceptual_config(config)
   with config.unlocked():
-    config.vae.perceptual = vae_obj.default_perceptual_config()
-    config.vae.perceptual.weight = 0.1
-  with pytest.raises(ValueError, match="perceptual.vgg16"):
-    vae_obj.check_perceptual_config(config)
+    config.vae.perceptual.weights = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="not a file"):
+    vae_obj.perceptual_config(config)
   with config.unlocked():
     config.vae.perceptual.weight = 0.0
-  vae_obj.check_perceptual_config(config)  # disabled: no files needed
+  assert vae_obj.perceptual_config(config) is None  # disabled: no files needed

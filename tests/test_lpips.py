@@ -82,3 +82,15 @@ def test_lpips_missing_files_are_named(tmp_path):
   torch.save({}, tmp_path / "heads.pth")
   with pytest.raises(KeyError, match="features.0.bias"):
     convert_lpips.convert(str(tmp_path / "bad.pth"), str(tmp_path / "heads.pth"))
+
+
+def test_vae_trains_with_perceptual_term(tmp_path):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  _write_weights(tmp_path)
+  out = tmp_path / "lpips.npz"
+  np.savez(out, **convert_lpips.convert(str(tmp_path / "vgg16.pth"), str(tmp_path / "heads.pth")))
+  config = tiny_config("vae", eval_at_end=False, num_train_steps=2,
+                       **{"vae.perceptual.weight": 0.5, "vae.perceptual.weights": str(out)})
+  result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(result["metrics"]["lpips"]) and result["metrics"]["lpips"] > 0

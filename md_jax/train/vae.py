@@ -51,27 +51,59 @@ def default_adversarial_config() -> ml_collections.ConfigDict:
 def default_perceptual_config() -> ml_collections.ConfigDict:
   """``config.vae.perceptual``: the LPIPS(VGG16) term of the VAE loss (weight 0 turns it off).
 
-  The weights come from local files only (nothing is downloaded): ``vgg16`` a converted
-  torchvision VGG16 trunk, ``lpips_heads`` LPIPS' converted linear heads.
+  ``weights`` is a local .npz made by ``python -m md_jax.tools.convert_lpips`` from a torchvision
+  VGG16 file the user supplies and LPIPS' linear heads; nothing is downloaded.
   """
-  return ml_collections.ConfigDict(dict(weight=0.0, vgg16="", lpips_heads=""))
+  return ml_collections.ConfigDict(dict(weight=0.0, weights=""))
 
 
-def check_perceptual_config(config) -> None:
-  """Refuses a positive perceptual weight: the weights files are required and not wired yet."""
+def perceptual_config(config) -> ml_collections.ConfigDict | None:
+  """The perceptual settings when the term is on; fails naming the key when its file is missing."""
   per = config.vae.get("perceptual")
   if per is None or not float(per.weight):
-    return
-  missing = [k for k in ("vgg16", "lpips_heads") if not per.get(k)]
-  if missing:
-    raise ValueError(
-        f"config.vae.perceptual.weight={per.weight} needs local weight files: set "
-        + ", ".join(f"config.vae.perceptual.{k}" for k in missing)
-        + " (nothing is downloaded), or set config.vae.perceptual.weight=0 to train without the "
-        "perceptual term")
-  raise NotImplementedError(
-      "config.vae.perceptual: the LPIPS(VGG16) term is not implemented yet; set "
-      "config.vae.perceptual.weight=0")
+    return None
+  path = per.get("weights")
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"config.vae.perceptual.weight={per.weight} needs LPIPS weights: "
+        f"config.vae.perceptual.weights={path!r} is {'empty' if not path else 'not a file'}. "
+        "Convert local files with `python -m md_jax.tools.convert_lpips --vgg16=VGG16.pth "
+        "--heads=LPIPS_VGG.pth --out=FILE.npz` (nothing is downloaded), or set "
+        "config.vae.perceptual.weight=0 to train without the perceptual term")
+  return per
+
+
+def lpips_spec(config) -> ModelSpec:
+  from md_jax.models import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
+  return ModelSpec("lpips", lambda rngs: lpips_lib.LPIPS(rngs=rngs, dtype=compute_dtype(config)))
+
+
+def _str_keys(tree):
+  return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+class _Perceptual:
+  """The frozen LPIPS net shared by the VAE and light-decoder objectives (in ``frozen['lpips']``)."""
+
+  def _init_perceptual(self, config):
+    self.perceptual = perceptual_config(config)
+    self.lpips = lpips_spec(config) if self.perceptual is not None else None
+
+  def _perceptual_frozen_spec(self):
+    if self.lpips is None:
+      return {}, {}
+    return {"lpips": self.lpips.abstract_params}, {"lpips": self.lpips.logical}
+
+  def _perceptual_frozen(self, shardings):
+    if self.lpips is None:
+      return {}
+    from md_jax.models import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
+    params = _str_keys(lpips_lib.load_params(self.perceptual.weights))
+    return {"lpips": jax.device_put(params, shardings["lpips"])}
+
+  def _perceptual_loss(self, frozen, recon, x):
+    net = self.lpips.bind(jax.lax.stop_gradient(frozen["lpips"]))
+    return jnp.mean(net(recon, x))
 
 
 def adversarial_config(config) -> ml_collections.ConfigDict | None:
@@ -139,7 +171,7 @@ def random_crop(x, size: int, align: int, rng):
 
 
 @loop.register("vae")
-class VAEObjective(loop.Objective):
+class VAEObjective(_Perceptual, loop.Objective):
   """L2 reconstruction + KL, plus a patch-GAN term when ``config.vae.adversarial.weight`` > 0.
 
   With the GAN term the discriminator is a second trainable group ("disc") with its own
@@ -151,7 +183,7 @@ class VAEObjective(loop.Objective):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    check_perceptual_config(config)
+    self._init_perceptual(config)
     self.spec = vae_spec(config)
     self.adv = adversarial_config(config)
     self.disc = disc_spec(config) if self.adv is not None else None
@@ -176,12 +208,16 @@ class VAEObjective(loop.Objective):
     return ("vae",)
 
   def frozen_spec(self):
-    return latent_stats_spec(self.config)
+    abstract, logical = latent_stats_spec(self.config)
+    p_abs, p_logical = self._perceptual_frozen_spec()
+    return dict(abstract, **p_abs), dict(logical, **p_logical)
 
   def init_frozen(self, shardings):
     c = int(self.config.vae.latent_channels)
-    return jax.device_put(dict(latent_shift=np.zeros((c,), np.float32),
-                               latent_scale=np.ones((c,), np.float32)), shardings)
+    stats = jax.device_put(dict(latent_shift=np.zeros((c,), np.float32),
+                                latent_scale=np.ones((c,), np.float32)),
+                           {k: shardings[k] for k in ("latent_shift", "latent_scale")})
+    return dict(stats, **self._perceptual_frozen(shardings))
 
   def data_iterator(self, process_index, process_count):
     return make_data_iterator(self.config, process_index, process_count, caption_dropout=0.0)
@@ -217,6 +253,9 @@ class VAEObjective(loop.Objective):
     loss = recon_loss + float(self.config.vae.kl_weight) * kl
     psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # images span [-1, 1]
     metrics = dict(mse=mse, l1=l1, kl=kl, psnr=psnr)
+    if self.lpips is not None:
+      metrics["lpips"] = self._perceptual_loss(frozen, recon, x)
+      loss = loss + float(self.perceptual.weight) * metrics["lpips"]
     if self.disc is not None:
       adv_loss, adv_metrics = self._adversarial(params, x, recon, step)
       loss = loss + adv_loss
@@ -277,7 +316,9 @@ class VAEObjective(loop.Objective):
     stats = dict(latent_shift=mu.astype(np.float32), latent_scale=np.sqrt(var).astype(np.float32))
     logging.info("latent shift %s scale %s", np.round(mu, 3), np.round(np.sqrt(var), 3))
     state = dict(state)
-    state["frozen"] = jax.device_put(stats, jax.tree.map(lambda a: a.sharding, state["frozen"]))
+    frozen = dict(state["frozen"])
+    frozen.update(jax.device_put(stats, {k: frozen[k].sharding for k in stats}))
+    state["frozen"] = frozen
     return state
 
   def evaluate(self, state, *, step, workdir, writer, final):
@@ -382,7 +423,7 @@ class LightDecoderObjective(VAEObjective):
 
   def __init__(self, config, mesh):
     loop.Objective.__init__(self, config, mesh)
-    check_perceptual_config(config)
+    self._init_perceptual(config)
     self.encoder = encoder_spec(config)
     self.decoder = light_decoder_spec(config)
     self.adv = adversarial_config(config)
@@ -400,8 +441,9 @@ class LightDecoderObjective(VAEObjective):
 
   def frozen_spec(self):
     stats_abs, stats_logical = latent_stats_spec(self.config)
-    return (dict(encoder=self.encoder.abstract_params, **stats_abs),
-            dict(encoder=self.encoder.logical, **stats_logical))
+    p_abs, p_logical = self._perceptual_frozen_spec()
+    return (dict(encoder=self.encoder.abstract_params, **stats_abs, **p_abs),
+            dict(encoder=self.encoder.logical, **stats_logical, **p_logical))
 
   def init_frozen(self, shardings):
     enc_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -410,7 +452,7 @@ class LightDecoderObjective(VAEObjective):
     stats_abs = {k: jax.ShapeDtypeStruct((c,), jnp.float32, sharding=shardings[k])
                  for k in ("latent_shift", "latent_scale")}
     enc, stats, _ = restore_encoder_and_stats(self.config, enc_abs, stats_abs)
-    return dict(encoder=enc, **stats)
+    return dict(encoder=enc, **stats, **self._perceptual_frozen(shardings))
 
   def loss(self, params, frozen, batch, rng, step):
     crop_rng, rng = jax.random.split(rng)
@@ -436,6 +478,9 @@ class LightDecoderObjective(VAEObjective):
       loss = loss + grad_w * _gradient_l1(recon, x)
     psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
     metrics = dict(mse=mse, l1=l1, psnr=psnr)
+    if self.lpips is not None:
+      metrics["lpips"] = self._perceptual_loss(frozen, recon, x)
+      loss = loss + float(self.perceptual.weight) * metrics["lpips"]
     if self.disc is not None:
       adv_loss, adv_metrics = self._adversarial(params, x, recon, step)
       loss = loss + adv_loss
