@@ -1,4 +1,9 @@
-"""VAE objective (paper sec. 3.5): reconstruction + KL on the shared loop.
+"""VAE objectives (paper sec. 3.5) on the shared loop.
+
+``vae``: L2 reconstruction + KL, plus LPIPS (``config.vae.perceptual``) and a patch-GAN term
+(``config.vae.adversarial``) when their weights are positive. ``vae_light_decoder``: a pruned
+decoder distilled against the frozen encoder of a VAE run (``config.vae_workdir``) with L2 and a
+reduced GAN weight, no KL; its params are saved as group ``light_decoder``.
 
 After training, the per-channel latent shift and scale are measured on data and stored in the
 checkpoint's ``frozen`` part; every later stage (diffusion, sampling, export) reads them from
