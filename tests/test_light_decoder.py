@@ -74,6 +74,7 @@ def test_light_decoder_trains_against_frozen_encoder(vae_workdir, tmp_path):
   with open(os.path.join(workdir, "eval_light_decoder.json")) as f:
     ev = json.load(f)
   assert np.isfinite(ev["eval/recon_psnr"])
+  assert np.isfinite(ev["eval/recon_psnr_at_init"])
 
 
 def test_light_decoder_export_safe():

@@ -291,6 +291,10 @@ class VAEObjective(_Perceptual, loop.Objective):
     mean, _ = model.encode(x)
     return model.decode(mean).astype(jnp.float32)
 
+  def _baseline_eval(self, recon, state, x, images) -> dict:
+    """Extra final metrics to read the trained model against (none for the VAE)."""
+    return {}
+
   def _params_for_eval(self, state):
     return state["ema_params"] if state.get("ema_params") is not None else state["params"]
 
@@ -349,6 +353,8 @@ class VAEObjective(_Perceptual, loop.Objective):
     mse = float(np.mean((np.clip(y_host, -1, 1) - images) ** 2))
     psnr = float(10 * np.log10(4.0 / max(mse, 1e-10)))
     results = {"eval/recon_psnr": psnr, "eval/recon_mse": mse}
+    if final:
+      results.update(self._baseline_eval(recon, state, x, images))
     if jax.process_index() == 0:
       recon_u8 = images_lib.to_uint8(y_host)
       captions = [r["caption"] for r in records]
@@ -494,6 +500,14 @@ class LightDecoderObjective(VAEObjective):
 
   def finalize(self, state):
     return state  # the latent stats are the VAE run's, carried over in ``frozen``
+
+  def _baseline_eval(self, recon, state, x, images) -> dict:
+    """PSNR of a freshly initialised light decoder (seed ``config.seed``): what distillation
+    gains over the decoder it starts from."""
+    init = jax.jit(self.decoder.init)(jax.random.key(int(self.config.seed)))
+    y = images_lib.gather_to_host(recon({LIGHT_DECODER: init}, state["frozen"], x))
+    mse = float(np.mean((np.clip(y, -1, 1) - images) ** 2))
+    return {"eval/recon_psnr_at_init": float(10 * np.log10(4.0 / max(mse, 1e-10)))}
 
   def reconstruct(self, params, frozen, x):
     mean, _ = self.encoder.bind(frozen["encoder"])(x)
