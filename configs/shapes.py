@@ -2,6 +2,8 @@
 
 ``--config=configs/shapes.py:STAGE[,SIZE]`` with STAGE one of
   vae      VAE (f=8, 8 latent channels) on 64x64 shapes images
+  light_decoder  the pruned decoder distilled against the VAE's frozen encoder (paper 3.5;
+           needs --config.vae_workdir)
   lowres   diffusion pretraining at 32x32 (latent 4x4): the paper's 256px stage, scaled down
   highres  diffusion at 64x64 (latent 8x8), initialised from lowres: the paper's 512px stage
 and SIZE one of
@@ -41,15 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   parts = [p for p in (arg or "highres").replace(":", ",").split(",") if p]
   stage = parts[0]
   size = parts[1] if len(parts) > 1 else "full"
-  if stage not in ("vae", "lowres", "highres"):
-    raise ValueError(f"configs/shapes.py:{arg}: stage must be vae|lowres|highres, got {stage!r}")
+  if stage not in ("vae", "light_decoder", "lowres", "highres"):
+    raise ValueError(f"configs/shapes.py:{arg}: stage must be vae|light_decoder|lowres|highres, "
+                     f"got {stage!r}")
   if size not in ("full", "smoke", "tiny"):
     raise ValueError(f"configs/shapes.py:{arg}: size must be full|smoke|tiny, got {size!r}")
 
   c = config_base.base_config()
   c.stage = stage
   c.size = size
-  c.trainer = "vae" if stage == "vae" else "diffusion"
+  c.trainer = dict(vae="vae", light_decoder="vae_light_decoder").get(stage, "diffusion")
 
   c.data = ml_collections.ConfigDict(dict(
       name="shapes",
@@ -106,6 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   c.vae.adversarial = vae_trainer.default_adversarial_config()
   c.vae.adversarial.update(dict(channels=(32, 64), norm_groups=8))
+  c.vae.perceptual = vae_trainer.default_perceptual_config()  # LPIPS: off (needs local weights)
 
   # The MD UNet's structure (Table 6 block pattern) at shapes size.
   c.unet = unet_lib.default_config("md")
@@ -147,7 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.every = 250
 
   # Step counts fit the whole chain in ~20 minutes on a 2-core CPU (see README).
-  if stage == "vae":
+  if stage in ("vae", "light_decoder"):
     c.num_train_steps = 800
     c.global_batch_size = 16
     c.optim.learning_rate = 3e-3
@@ -192,5 +196,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.batch_size = 8
     c.sample.grid_columns = 4
     c.eval_at_end = True
+  if stage == "light_decoder":  # half the widths, one resblock fewer per level; no KL
+    c.vae.decoder_channels = tuple(max(ch // 2, c.vae.norm_groups) for ch in c.vae.channels)
+    c.vae.decoder_res_blocks = 0
+    c.vae.kl_weight = 0.0
+    c.vae.adversarial.weight = 0.1 * c.vae.adversarial.weight  # paper: reduced
   c.unet.context_dim = c.text.hidden_size
   return c

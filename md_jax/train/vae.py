@@ -1,4 +1,9 @@
-"""VAE objective (paper sec. 3.5): reconstruction + KL on the shared loop.
+"""VAE objectives (paper sec. 3.5) on the shared loop.
+
+``vae``: L2 reconstruction + KL, plus LPIPS (``config.vae.perceptual``) and a patch-GAN term
+(``config.vae.adversarial``) when their weights are positive. ``vae_light_decoder``: a pruned
+decoder distilled against the frozen encoder of a VAE run (``config.vae_workdir``) with L2 and a
+reduced GAN weight, no KL; its params are saved as group ``light_decoder``.
 
 After training, the per-channel latent shift and scale are measured on data and stored in the
 checkpoint's ``frozen`` part; every later stage (diffusion, sampling, export) reads them from
@@ -46,6 +51,64 @@ def default_adversarial_config() -> ml_collections.ConfigDict:
       b1=0.5,
       b2=0.9,
   ))
+
+
+def default_perceptual_config() -> ml_collections.ConfigDict:
+  """``config.vae.perceptual``: the LPIPS(VGG16) term of the VAE loss (weight 0 turns it off).
+
+  ``weights`` is a local .npz made by ``python -m md_jax.tools.convert_lpips`` from a torchvision
+  VGG16 file the user supplies and LPIPS' linear heads; nothing is downloaded.
+  """
+  return ml_collections.ConfigDict(dict(weight=0.0, weights=""))
+
+
+def perceptual_config(config) -> ml_collections.ConfigDict | None:
+  """The perceptual settings when the term is on; fails naming the key when its file is missing."""
+  per = config.vae.get("perceptual")
+  if per is None or not float(per.weight):
+    return None
+  path = per.get("weights")
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"config.vae.perceptual.weight={per.weight} needs LPIPS weights: "
+        f"config.vae.perceptual.weights={path!r} is {'empty' if not path else 'not a file'}. "
+        "Convert local files with `python -m md_jax.tools.convert_lpips --vgg16=VGG16.pth "
+        "--heads=LPIPS_VGG.pth --out=FILE.npz` (nothing is downloaded), or set "
+        "config.vae.perceptual.weight=0 to train without the perceptual term")
+  return per
+
+
+def lpips_spec(config) -> ModelSpec:
+  from md_jax.models import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
+  return ModelSpec("lpips", lambda rngs: lpips_lib.LPIPS(rngs=rngs, dtype=compute_dtype(config)))
+
+
+def _str_keys(tree):
+  return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+class _Perceptual:
+  """The frozen LPIPS net shared by the VAE and light-decoder objectives (in ``frozen['lpips']``)."""
+
+  def _init_perceptual(self, config):
+    self.perceptual = perceptual_config(config)
+    self.lpips = lpips_spec(config) if self.perceptual is not None else None
+
+  def _perceptual_frozen_spec(self):
+    if self.lpips is None:
+      return {}, {}
+    return {"lpips": self.lpips.abstract_params}, {"lpips": self.lpips.logical}
+
+  def _perceptual_frozen(self, shardings):
+    if self.lpips is None:
+      return {}
+    from md_jax.models import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
+    params = _str_keys(lpips_lib.load_params(self.perceptual.weights))
+    return {"lpips": jax.device_put(params, shardings["lpips"])}
+
+  def _perceptual_loss(self, frozen, recon, x):
+    net = self.lpips.bind(jax.lax.stop_gradient(frozen["lpips"]))
+    return jnp.mean(net(recon, x))
 
 
 def adversarial_config(config) -> ml_collections.ConfigDict | None:
@@ -132,7 +195,7 @@ def random_crop(x, size: int, align: int, rng):
 
 
 @loop.register("vae")
-class VAEObjective(loop.Objective):
+class VAEObjective(_Perceptual, loop.Objective):
   """L2 reconstruction + KL, plus a patch-GAN term when ``config.vae.adversarial.weight`` > 0.
 
   With the GAN term the discriminator is a second trainable group ("disc") with its own
@@ -144,6 +207,7 @@ class VAEObjective(loop.Objective):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
+    self._init_perceptual(config)
     self.spec = vae_spec(config)
     self.adv = adversarial_config(config)
     self.disc = disc_spec(config) if self.adv is not None else None
@@ -168,12 +232,16 @@ class VAEObjective(loop.Objective):
     return ("vae",)
 
   def frozen_spec(self):
-    return latent_stats_spec(self.config)
+    abstract, logical = latent_stats_spec(self.config)
+    p_abs, p_logical = self._perceptual_frozen_spec()
+    return dict(abstract, **p_abs), dict(logical, **p_logical)
 
   def init_frozen(self, shardings):
     c = int(self.config.vae.latent_channels)
-    return jax.device_put(dict(latent_shift=np.zeros((c,), np.float32),
-                               latent_scale=np.ones((c,), np.float32)), shardings)
+    stats = jax.device_put(dict(latent_shift=np.zeros((c,), np.float32),
+                                latent_scale=np.ones((c,), np.float32)),
+                           {k: shardings[k] for k in ("latent_shift", "latent_scale")})
+    return dict(stats, **self._perceptual_frozen(shardings))
 
   def data_iterator(self, process_index, process_count):
     return make_data_iterator(self.config, process_index, process_count, caption_dropout=0.0)
@@ -212,6 +280,9 @@ class VAEObjective(loop.Objective):
     loss = recon_loss + float(self.config.vae.kl_weight) * kl
     psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # images span [-1, 1]
     metrics = dict(mse=mse, l1=l1, kl=kl, psnr=psnr)
+    if self.lpips is not None:
+      metrics["lpips"] = self._perceptual_loss(frozen, recon, x)
+      loss = loss + float(self.perceptual.weight) * metrics["lpips"]
     if self.disc is not None:
       adv_loss, adv_metrics = self._adversarial(params, x, recon, step)
       loss = loss + adv_loss
@@ -233,6 +304,19 @@ class VAEObjective(loop.Objective):
                        d_real_logit=jnp.mean(real_logits), d_fake_logit=jnp.mean(fake_logits))
 
   # -- after training ------------------------------------------------------------------------
+  eval_name = "vae"  # names the evaluation's json / png files
+
+  def reconstruct(self, params, frozen, x):
+    """Decoded posterior means of images ``x`` (traced)."""
+    del frozen
+    model = self.spec.bind(params["vae"])
+    mean, _ = model.encode(x)
+    return model.decode(mean).astype(jnp.float32)
+
+  def _baseline_eval(self, recon, state, x, images) -> dict:
+    """Extra final metrics to read the trained model against (none for the VAE)."""
+    return {}
+
   def _params_for_eval(self, state):
     return state["ema_params"] if state.get("ema_params") is not None else state["params"]
 
@@ -263,7 +347,9 @@ class VAEObjective(loop.Objective):
     stats = dict(latent_shift=mu.astype(np.float32), latent_scale=np.sqrt(var).astype(np.float32))
     logging.info("latent shift %s scale %s", np.round(mu, 3), np.round(np.sqrt(var), 3))
     state = dict(state)
-    state["frozen"] = jax.device_put(stats, jax.tree.map(lambda a: a.sharding, state["frozen"]))
+    frozen = dict(state["frozen"])
+    frozen.update(jax.device_put(stats, {k: frozen[k].sharding for k in stats}))
+    state["frozen"] = frozen
     return state
 
   def evaluate(self, state, *, step, workdir, writer, final):
@@ -282,20 +368,15 @@ class VAEObjective(loop.Objective):
     records = [shapes.make_record("eval", i, size, seed=int(cfg.sample.eval_seed))
                for i in range(n)]
     images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
-    spec = self.spec
-
-    @jax.jit
-    def recon(params, x):
-      model = spec.bind(params["vae"])
-      mean, _ = model.encode(x)
-      return model.decode(mean).astype(jnp.float32)
-
+    recon = jax.jit(self.reconstruct)
     params = self._params_for_eval(state)
     x = jax.device_put(images, shd.batch_sharding(self.mesh, 4))
-    y_host = images_lib.gather_to_host(recon(params, x))
+    y_host = images_lib.gather_to_host(recon(params, state["frozen"], x))
     mse = float(np.mean((np.clip(y_host, -1, 1) - images) ** 2))
     psnr = float(10 * np.log10(4.0 / max(mse, 1e-10)))
     results = {"eval/recon_psnr": psnr, "eval/recon_mse": mse}
+    if final:
+      results.update(self._baseline_eval(recon, state, x, images))
     if jax.process_index() == 0:
       recon_u8 = images_lib.to_uint8(y_host)
       captions = [r["caption"] for r in records]
@@ -311,10 +392,145 @@ class VAEObjective(loop.Objective):
       k = min(16, n)
       pairs = np.concatenate([images_lib.to_uint8(images[:k]), recon_u8[:k]], axis=0)
       grid = images_lib.make_grid(pairs, columns=k)
-      path = images_lib.save_png(grid, os.path.join(workdir, "samples", f"vae_step_{step}.png"))
-      writer.write_images(step, {"vae/reconstructions": grid[None]})
+      name = self.eval_name
+      path = images_lib.save_png(grid, os.path.join(workdir, "samples", f"{name}_step_{step}.png"))
+      writer.write_images(step, {f"{name}/reconstructions": grid[None]})
       writer.write_scalars(step, results)
-      with open(os.path.join(workdir, "eval_vae.json" if final else f"eval_vae_{step}.json"),
+      with open(os.path.join(workdir, f"eval_{name}.json" if final else f"eval_{name}_{step}.json"),
                 "w") as f:
         json.dump(dict(step=step, grid=path, num_images=n, **results), f, indent=1)
     return results
+
+
+# -- the light decoder (paper sec. 3.5) ------------------------------------------------------------
+LIGHT_DECODER = "light_decoder"  # the params group name later stages and export restore
+
+
+def encoder_spec(config) -> ModelSpec:
+  return ModelSpec("encoder", lambda rngs: vae_lib.Encoder(config.vae, rngs=rngs,
+                                                            dtype=compute_dtype(config)))
+
+
+def light_decoder_spec(config) -> ModelSpec:
+  """The decoder ``config.vae.decoder_channels`` / ``decoder_res_blocks`` describe."""
+  return ModelSpec(LIGHT_DECODER, lambda rngs: vae_lib.Decoder(config.vae, rngs=rngs,
+                                                                dtype=compute_dtype(config)))
+
+
+def restore_encoder_and_stats(config, encoder_abstract, stats_abstract):
+  """(encoder params, {latent_shift, latent_scale}, step) of the VAE run ``config.vae_workdir``.
+
+  Reads the EMA copy of the encoder when the run kept one, else its params. Abstract leaves may
+  carry shardings (the arrays are then restored onto them).
+  """
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  if not config.vae_workdir:
+    raise ValueError("config.vae_workdir is empty: the light decoder trains against the frozen "
+                     "encoder of a VAE run; pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN")
+  for which in ("ema_params", "params"):
+    try:
+      got, step = ckpt_lib.restore_subset(
+          config.vae_workdir, {which: {"vae": {"encoder": encoder_abstract}},
+                               "frozen": stats_abstract})
+    except ckpt_lib.MissingStateError:
+      if which == "params":
+        raise
+      continue  # the VAE run kept no EMA copy
+    logging.info("encoder (%s) and latent stats from %s step %d", which, config.vae_workdir, step)
+    return got[which]["vae"]["encoder"], got["frozen"], step
+  raise AssertionError("unreachable")
+
+
+@loop.register("vae_light_decoder")
+class LightDecoderObjective(VAEObjective):
+  """Distils a pruned decoder against the VAE's frozen encoder (paper sec. 3.5).
+
+  Trainable: the light decoder (group ``light_decoder``) and, with the GAN term, the patch
+  discriminator; frozen: the VAE run's encoder and its latent shift/scale, carried unchanged
+  into this run's checkpoint so it is self-contained for later stages and export. The loss is
+  the VAE's reconstruction loss on decoded posterior samples plus the (reduced) GAN term; no KL,
+  since the encoder does not learn.
+  """
+
+  eval_name = "light_decoder"
+
+  def __init__(self, config, mesh):
+    loop.Objective.__init__(self, config, mesh)
+    self._init_perceptual(config)
+    self.encoder = encoder_spec(config)
+    self.decoder = light_decoder_spec(config)
+    self.adv = adversarial_config(config)
+    self.disc = disc_spec(config) if self.adv is not None else None
+
+  @property
+  def trainable(self):
+    out = {LIGHT_DECODER: self.decoder}
+    if self.disc is not None:
+      out["disc"] = self.disc
+    return out
+
+  def ema_groups(self):
+    return (LIGHT_DECODER,)
+
+  def frozen_spec(self):
+    stats_abs, stats_logical = latent_stats_spec(self.config)
+    p_abs, p_logical = self._perceptual_frozen_spec()
+    return (dict(encoder=self.encoder.abstract_params, **stats_abs, **p_abs),
+            dict(encoder=self.encoder.logical, **stats_logical, **p_logical))
+
+  def init_frozen(self, shardings):
+    enc_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           self.encoder.abstract_params, shardings["encoder"])
+    c = int(self.config.vae.latent_channels)
+    stats_abs = {k: jax.ShapeDtypeStruct((c,), jnp.float32, sharding=shardings[k])
+                 for k in ("latent_shift", "latent_scale")}
+    enc, stats, _ = restore_encoder_and_stats(self.config, enc_abs, stats_abs)
+    return dict(encoder=enc, **stats, **self._perceptual_frozen(shardings))
+
+  def loss(self, params, frozen, batch, rng, step):
+    crop_rng, rng = jax.random.split(rng)
+    x = random_crop(batch["image"], int(self.config.vae.get("train_crop", 0) or 0),
+                    vae_lib.downsample_factor(self.config.vae), crop_rng)
+    mean, logvar = self.encoder.bind(jax.lax.stop_gradient(frozen["encoder"]))(x)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    z = jax.lax.stop_gradient(z)
+    recon = self.decoder.bind(params[LIGHT_DECODER])(z).astype(jnp.float32)
+    mse = jnp.mean(jnp.square(recon - x))
+    l1 = jnp.mean(jnp.abs(recon - x))
+    kind = self.config.vae.recon_loss
+    if kind == "l2":
+      loss = mse
+    elif kind == "l1":
+      loss = l1
+    elif kind == "l1+l2":
+      loss = l1 + mse
+    else:
+      raise ValueError(f"config.vae.recon_loss={kind!r}: expected l2|l1|l1+l2")
+    grad_w = float(self.config.vae.get("grad_loss_weight", 0.0) or 0.0)
+    if grad_w:
+      loss = loss + grad_w * _gradient_l1(recon, x)
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+    metrics = dict(mse=mse, l1=l1, psnr=psnr)
+    if self.lpips is not None:
+      metrics["lpips"] = self._perceptual_loss(frozen, recon, x)
+      loss = loss + float(self.perceptual.weight) * metrics["lpips"]
+    if self.disc is not None:
+      adv_loss, adv_metrics = self._adversarial(params, x, recon, step)
+      loss = loss + adv_loss
+      metrics.update(adv_metrics)
+    return loss, metrics
+
+  def finalize(self, state):
+    return state  # the latent stats are the VAE run's, carried over in ``frozen``
+
+  def _baseline_eval(self, recon, state, x, images) -> dict:
+    """PSNR of a freshly initialised light decoder (seed ``config.seed``): what distillation
+    gains over the decoder it starts from."""
+    init = jax.jit(self.decoder.init)(jax.random.key(int(self.config.seed)))
+    y = images_lib.gather_to_host(recon({LIGHT_DECODER: init}, state["frozen"], x))
+    mse = float(np.mean((np.clip(y, -1, 1) - images) ** 2))
+    return {"eval/recon_psnr_at_init": float(10 * np.log10(4.0 / max(mse, 1e-10)))}
+
+  def reconstruct(self, params, frozen, x):
+    mean, _ = self.encoder.bind(frozen["encoder"])(x)
+    return self.decoder.bind(params[LIGHT_DECODER])(mean).astype(jnp.float32)

@@ -1,0 +1,129 @@
+"""Light-decoder distillation (paper sec. 3.5): frozen encoder, trained pruned decoder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_light_decoder_config_shapes():
+  config = tiny_config("light_decoder")
+  assert config.trainer == "vae_light_decoder"
+  assert config.vae.kl_weight == 0.0
+  assert tuple(config.vae.decoder_channels) == (4, 8, 8, 8)
+  assert config.vae.decoder_res_blocks == 0
+
+
+def test_light_decoder_needs_vae_workdir(tmp_path):
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="vae_workdir"):
+    loop.train_and_evaluate(tiny_config("light_decoder", eval_at_end=False), str(tmp_path))
+
+
+def test_light_decoder_trains_against_frozen_encoder(vae_workdir, tmp_path):
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  config = tiny_config("light_decoder", vae_workdir=vae_workdir,
+                       **{"vae.adversarial.weight": 0.05})
+  loop.train_and_evaluate(config, workdir)
+
+  enc_abs = vae_obj.encoder_spec(config).abstract_params
+  dec_abs = vae_obj.light_decoder_spec(config).abstract_params
+  c = int(config.vae.latent_channels)
+  stats_abs = {k: jax.ShapeDtypeStruct((c,), np.float32) for k in ("latent_shift", "latent_scale")}
+  # The VAE run's encoder (its EMA copy) and latent stats: the source of truth.
+  vae_got, _ = ckpt_lib.restore_subset(
+      vae_workdir, {"ema_params": {"vae": {"encoder": enc_abs}}, "frozen": stats_abs})
+  want_enc = _flat(vae_got["ema_params"]["vae"]["encoder"])
+
+  decoders = []
+  for step in (2, 4):  # checkpoint.every = 2 in the tiny config
+    got, _ = ckpt_lib.restore_subset(
+        workdir, {"params": {"light_decoder": dec_abs, "disc": vae_obj.disc_spec(config)
+                             .abstract_params},
+                  "ema_params": {"light_decoder": dec_abs},
+                  "frozen": dict(encoder=enc_abs, **stats_abs)}, step=step)
+    enc = _flat(got["frozen"]["encoder"])
+    assert enc.keys() == want_enc.keys()
+    for k, v in want_enc.items():
+      np.testing.assert_array_equal(enc[k], v, err_msg=f"encoder {k} changed at step {step}")
+    for k in ("latent_shift", "latent_scale"):
+      np.testing.assert_array_equal(np.asarray(got["frozen"][k]),
+                                    np.asarray(vae_got["frozen"][k]), err_msg=k)
+    decoders.append(_flat(got["params"]["light_decoder"]))
+  changed = [k for k in decoders[0] if not np.array_equal(decoders[0][k], decoders[1][k])]
+  assert len(changed) > len(decoders[0]) // 2, "the light decoder did not train"
+  # The light decoder is the pruned one, not the VAE's.
+  n_light = sum(v.size for v in decoders[1].values())
+  full_abs = vae_obj.vae_spec(tiny_config("vae")).abstract_params["decoder"]
+  assert n_light < sum(int(np.prod(x.shape)) for x in jax.tree.leaves(full_abs)) / 2
+
+  with open(os.path.join(workdir, "eval_light_decoder.json")) as f:
+    ev = json.load(f)
+  assert np.isfinite(ev["eval/recon_psnr"])
+  assert np.isfinite(ev["eval/recon_psnr_at_init"])
+
+
+def test_light_decoder_export_safe():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from md_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.models.export_safety import check_jaxpr  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import KeyStream  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("light_decoder").vae
+  with nnx.use_eager_sharding(False):
+    dec = nnx.eval_shape(lambda: vae_lib.Decoder(cfg, rngs=KeyStream(0)))
+  graphdef, state = nnx.split(dec)
+  fn = lambda s, z: nnx.merge(graphdef, s)(z)
+  assert check_jaxpr(fn, state, jnp.zeros((1, 2, 2, cfg.latent_channels))) == []
+
+
+def test_full_size_configs():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from md_jax import config_loading  # pylint: disable=g-import-not-at-top
+  from md_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import KeyStream  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import count_params  # pylint: disable=g-import-not-at-top
+  full = config_loading.load_config("configs/vae.py")
+  light = config_loading.load_config("configs/vae_light_decoder.py")
+  assert full.trainer == "vae" and light.trainer == "vae_light_decoder"
+  assert vae_lib.downsample_factor(full.vae) == 8 and full.vae.latent_channels == 8
+  assert tuple(full.vae.channels) == (128, 256, 512, 512)  # SD's widths
+  assert full.vae.adversarial.weight > 0 and full.vae.adversarial.start_step > 0
+  assert full.vae.perceptual.weight == 0  # off until LPIPS weights are given
+  assert light.vae.kl_weight == 0
+  assert 0 < light.vae.adversarial.weight < full.vae.adversarial.weight
+  # Same encoder as the VAE run (so its checkpoint restores), a much smaller decoder.
+  for key in ("channels", "num_res_blocks", "latent_channels", "norm_groups", "mid_attention"):
+    assert light.vae[key] == full.vae[key], key
+  with nnx.use_eager_sharding(False):
+    dec = lambda cfg: nnx.eval_shape(lambda: vae_lib.Decoder(cfg, rngs=KeyStream(0)))
+    n_full, n_light = count_params(dec(full.vae)), count_params(dec(light.vae))
+  assert n_light < n_full / 3
+
+
+def test_perceptual_weight_without_files_is_refused(tmp_path):
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  config = tiny_config("vae", **{"vae.perceptual.weight": 0.1})
+  with pytest.raises(FileNotFoundError, match=r"perceptual.weights=''"):
+    vae_obj.perceptual_config(config)
+  with config.unlocked():
+    config.vae.perceptual.weights = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="not a file"):
+    vae_obj.perceptual_config(config)
+  with config.unlocked():
+    config.vae.perceptual.weight = 0.0
+  assert vae_obj.perceptual_config(config) is None  # disabled: no files needed
