@@ -49,13 +49,18 @@ def tiny_config(stage: str = "vae", **overrides):
   with config.unlocked():
     config.progress_bar = False
     config.compilation_cache_dir = os.environ["MD_JAX_COMPILATION_CACHE"]
-    for key, value in overrides.items():
-      node = config
-      parts = key.split(".")
-      for p in parts[:-1]:
-        node = node[p]
-      node[parts[-1]] = value
+    set_keys(config, overrides)
   return config
+
+
+def set_keys(config, values: dict) -> None:
+  """config["a.b.c"] = v for each dotted key (call inside ``config.unlocked()``)."""
+  for key, value in values.items():
+    node = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = value
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import set_keys, tiny_config
 from md_jax import config_loading
 from md_jax.diffusion import samplers
 from md_jax.train import loop
@@ -36,12 +36,7 @@ def _ufogen_config(arg: str, init_from: str, **overrides):
     config.optim.schedule = "constant"
     config.optim.learning_rate = 1e-3
     config.ufogen.disc.learning_rate = 1e-3
-    for key, value in {**MICRO_UNET, **overrides}.items():
-      node = config
-      parts = key.split(".")
-      for p in parts[:-1]:
-        node = node[p]
-      node[parts[-1]] = value
+    set_keys(config, {**MICRO_UNET, **overrides})
   return config
 
 

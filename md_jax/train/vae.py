@@ -194,6 +194,37 @@ def random_crop(x, size: int, align: int, rng):
       x, offs)
 
 
+def train_crop(config, images, rng):
+  """The training crop of ``config.vae.train_crop`` (0: whole images), aligned to the latent grid."""
+  return random_crop(images, int(config.vae.get("train_crop", 0) or 0),
+                     vae_lib.downsample_factor(config.vae), rng)
+
+
+def reconstruction_terms(config, recon, x):
+  """(reconstruction loss as config.vae.recon_loss + grad_loss_weight ask, metrics dict).
+
+  Metrics hold mse, l1 and psnr whatever the loss is, so runs with different losses compare.
+  """
+  mse = jnp.mean(jnp.square(recon - x))
+  l1 = jnp.mean(jnp.abs(recon - x))
+  kind = config.vae.recon_loss
+  if kind == "l2":
+    loss = mse
+  elif kind == "l1":
+    loss = l1
+  elif kind == "l1+l2":
+    loss = l1 + mse
+  else:
+    raise ValueError(f"config.vae.recon_loss={kind!r}: expected l2|l1|l1+l2")
+  grad_w = float(config.vae.get("grad_loss_weight", 0.0) or 0.0)
+  if grad_w:
+    # Gradient-difference term (Mathieu et al. 2016): pixel losses average over the
+    # uncertain position of an edge and blur it; matching image gradients penalises that.
+    loss = loss + grad_w * _gradient_l1(recon, x)
+  psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # images span [-1, 1]
+  return loss, dict(mse=mse, l1=l1, psnr=psnr)
+
+
 @loop.register("vae")
 class VAEObjective(_Perceptual, loop.Objective):
   """L2 reconstruction + KL, plus a patch-GAN term when ``config.vae.adversarial.weight`` > 0.
@@ -255,31 +286,14 @@ class VAEObjective(_Perceptual, loop.Objective):
   def loss(self, params, frozen, batch, rng, step):
     model = self.spec.bind(params["vae"])
     crop_rng, rng = jax.random.split(rng)
-    x = random_crop(batch["image"], int(self.config.vae.get("train_crop", 0) or 0),
-                    vae_lib.downsample_factor(self.config.vae), crop_rng)
+    x = train_crop(self.config, batch["image"], crop_rng)
     recon, mean, logvar = model(x, rng)
     recon = recon.astype(jnp.float32)
-    mse = jnp.mean(jnp.square(recon - x))
-    l1 = jnp.mean(jnp.abs(recon - x))
-    kind = self.config.vae.recon_loss
-    if kind == "l2":
-      recon_loss = mse
-    elif kind == "l1":
-      recon_loss = l1
-    elif kind == "l1+l2":
-      recon_loss = l1 + mse
-    else:
-      raise ValueError(f"config.vae.recon_loss={kind!r}: expected l2|l1|l1+l2")
+    recon_loss, metrics = reconstruction_terms(self.config, recon, x)
     kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar,
                                 axis=(1, 2, 3)))
-    grad_w = float(self.config.vae.get("grad_loss_weight", 0.0) or 0.0)
-    if grad_w:
-      # Gradient-difference term (Mathieu et al. 2016): pixel losses average over the
-      # uncertain position of an edge and blur it; matching image gradients penalises that.
-      recon_loss = recon_loss + grad_w * _gradient_l1(recon, x)
     loss = recon_loss + float(self.config.vae.kl_weight) * kl
-    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # images span [-1, 1]
-    metrics = dict(mse=mse, l1=l1, kl=kl, psnr=psnr)
+    metrics["kl"] = kl
     if self.lpips is not None:
       metrics["lpips"] = self._perceptual_loss(frozen, recon, x)
       loss = loss + float(self.perceptual.weight) * metrics["lpips"]
@@ -489,28 +503,12 @@ class LightDecoderObjective(VAEObjective):
 
   def loss(self, params, frozen, batch, rng, step):
     crop_rng, rng = jax.random.split(rng)
-    x = random_crop(batch["image"], int(self.config.vae.get("train_crop", 0) or 0),
-                    vae_lib.downsample_factor(self.config.vae), crop_rng)
+    x = train_crop(self.config, batch["image"], crop_rng)
     mean, logvar = self.encoder.bind(jax.lax.stop_gradient(frozen["encoder"]))(x)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     z = jax.lax.stop_gradient(z)
     recon = self.decoder.bind(params[LIGHT_DECODER])(z).astype(jnp.float32)
-    mse = jnp.mean(jnp.square(recon - x))
-    l1 = jnp.mean(jnp.abs(recon - x))
-    kind = self.config.vae.recon_loss
-    if kind == "l2":
-      loss = mse
-    elif kind == "l1":
-      loss = l1
-    elif kind == "l1+l2":
-      loss = l1 + mse
-    else:
-      raise ValueError(f"config.vae.recon_loss={kind!r}: expected l2|l1|l1+l2")
-    grad_w = float(self.config.vae.get("grad_loss_weight", 0.0) or 0.0)
-    if grad_w:
-      loss = loss + grad_w * _gradient_l1(recon, x)
-    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
-    metrics = dict(mse=mse, l1=l1, psnr=psnr)
+    loss, metrics = reconstruction_terms(self.config, recon, x)
     if self.lpips is not None:
       metrics["lpips"] = self._perceptual_loss(frozen, recon, x)
       loss = loss + float(self.perceptual.weight) * metrics["lpips"]
