@@ -1,4 +1,5 @@
-"""Hugging Face CLIP text-encoder checkpoints -> `CLIPTextTransformer`, offline and without torch.
+"""Hugging Face CLIP checkpoints -> `CLIPTextTransformer` (and, for the CLIP score, the full
+two-tower `clip_vision.CLIPModel` via `load_clip_model`), offline and without torch.
 
 A model directory as `save_pretrained` / the Hub lays it out (e.g. openai/clip-vit-large-patch14,
 or the `text_encoder/` folder of a diffusion pipeline):
@@ -32,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from md_jax.models import text_encoder as text_lib
+from md_jax.models.layers import KeyStream
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,6 +45,11 @@ TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 HF_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
                         num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
                         layer_norm_eps=1e-5, eos_token_id=49407, hidden_act="quick_gelu")
+
+# transformers.CLIPVisionConfig's defaults (5.x).
+HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, image_size=224, patch_size=32, num_channels=3,
+                          layer_norm_eps=1e-5, hidden_act="quick_gelu")
 
 # Non-parameter entries a CLIP text checkpoint may carry next to the weights.
 _IGNORED_SUFFIXES = ("embeddings.position_ids",)
@@ -70,6 +77,22 @@ def read_text_config(directory: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+def read_vision_config(directory: str) -> tuple[ml_collections.ConfigDict, int]:
+  """(vision tower config, projection_dim) from a full CLIPModel's `directory/config.json`."""
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: not a Hugging Face model directory")
+  with open(path) as f:
+    raw = json.load(f)
+  vision = raw.get("vision_config") or raw.get("vision_config_dict")
+  if not isinstance(vision, dict):
+    raise CheckpointError(f"{path} has no 'vision_config': a CLIP score needs a full CLIPModel "
+                          "directory (both towers and their projections)")
+  from md_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
+  values = {k: vision.get(k, HF_VISION_DEFAULTS[k]) for k in clip_vision.VISION_CONFIG_FIELDS}
+  return ml_collections.ConfigDict(values), int(raw.get("projection_dim", 512))
+
+
 # ------------------------------------------------------------------------------- name mapping
 def _linear(ours: tuple, hf: str, d_in: int, d_out: int) -> list:
   # torch Linear keeps (out, in); our Dense kernel is (in, out).
@@ -82,13 +105,9 @@ def _norm(ours: tuple, hf: str, dim: int) -> list:
           (ours + ("bias",), hf + ".bias", (dim,), False)]
 
 
-def param_mapping(cfg) -> list[tuple[tuple[str, ...], str, tuple[int, ...], bool]]:
-  """(our param path, HF name without prefix, HF shape, transpose?) for every parameter."""
+def _encoder_mapping(cfg) -> list:
   d, inner = int(cfg.hidden_size), int(cfg.intermediate_size)
-  out = [(("embeddings", "token_embedding", "embedding"), "embeddings.token_embedding.weight",
-          (int(cfg.vocab_size), d), False),
-         (("embeddings", "position_embedding", "embedding"),
-          "embeddings.position_embedding.weight", (int(cfg.max_position_embeddings), d), False)]
+  out = []
   for i in range(int(cfg.num_hidden_layers)):
     ours, hf = ("encoder", "layers", str(i)), f"encoder.layers.{i}"
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -97,7 +116,34 @@ def param_mapping(cfg) -> list[tuple[tuple[str, ...], str, tuple[int, ...], bool
     out += _linear(ours + ("mlp", "fc1"), f"{hf}.mlp.fc1", d, inner)
     out += _linear(ours + ("mlp", "fc2"), f"{hf}.mlp.fc2", inner, d)
     out += _norm(ours + ("layer_norm2",), f"{hf}.layer_norm2", d)
+  return out
+
+
+def param_mapping(cfg) -> list[tuple[tuple[str, ...], str, tuple[int, ...], bool]]:
+  """(our param path, HF name without prefix, HF shape, transpose?) for every parameter."""
+  d = int(cfg.hidden_size)
+  out = [(("embeddings", "token_embedding", "embedding"), "embeddings.token_embedding.weight",
+          (int(cfg.vocab_size), d), False),
+         (("embeddings", "position_embedding", "embedding"),
+          "embeddings.position_embedding.weight", (int(cfg.max_position_embeddings), d), False)]
+  out += _encoder_mapping(cfg)
   out += _norm(("final_layer_norm",), "final_layer_norm", d)
+  return out
+
+
+def vision_param_mapping(cfg) -> list[tuple[tuple[str, ...], str, tuple[int, ...], Any]]:
+  """The vision tower's (path, HF name without 'vision_model.', HF shape, transpose) entries;
+  transpose is True (Linear), False, or an axes tuple (the patch conv, OIHW -> HWIO)."""
+  d, p, c = int(cfg.hidden_size), int(cfg.patch_size), int(cfg.num_channels)
+  n = (int(cfg.image_size) // p) ** 2 + 1
+  out = [(("embeddings", "class_embedding"), "embeddings.class_embedding", (d,), False),
+         (("embeddings", "patch_embedding", "kernel"), "embeddings.patch_embedding.weight",
+          (d, c, p, p), (2, 3, 1, 0)),
+         (("embeddings", "position_embedding", "embedding"),
+          "embeddings.position_embedding.weight", (n, d), False)]
+  out += _norm(("pre_layrnorm",), "pre_layrnorm", d)
+  out += _encoder_mapping(cfg)
+  out += _norm(("post_layernorm",), "post_layernorm", d)
   return out
 
 
@@ -194,6 +240,29 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
   return out
 
 
+def _read_mapped(reader: SafetensorsReader, mapping, prefix: str, np_dtype,
+                 cfg_where: str) -> dict[tuple[str, ...], np.ndarray]:
+  """Reads every mapped tensor, checked by name and shape, into our layout."""
+  names = reader.keys()
+  flat = {}
+  for ours, hf_name, hf_shape, transpose in mapping:
+    name = prefix + hf_name
+    if name not in names:
+      raise CheckpointError(f"missing tensor {name!r} in {reader.description} (needed for "
+                            f"{'.'.join(ours)}; config {cfg_where})")
+    shape = reader.shape(name)
+    if shape != tuple(hf_shape):
+      raise CheckpointError(f"tensor {name!r} in {reader.file_of(name)} has shape {shape}, "
+                            f"expected {tuple(hf_shape)} from {cfg_where}")
+    value = reader.get(name)
+    if transpose is True:
+      value = value.T
+    elif transpose:
+      value = np.transpose(value, transpose)
+    flat[ours] = np.ascontiguousarray(value.astype(np_dtype))
+  return flat
+
+
 def load_text_params(directory: str, cfg=None, *, param_dtype=jnp.float32,
                      hidden_size: int | None = None, strict: bool = True) -> dict:
   """The params of `CLIPTextTransformer(cfg)` from `directory`'s safetensors, as numpy arrays.
@@ -220,21 +289,7 @@ def load_text_params(directory: str, cfg=None, *, param_dtype=jnp.float32,
           f"{reader.file_of(token)} has shape {got}")
     mapping = param_mapping(cfg)
     names = reader.keys()
-    flat = {}
-    np_dtype = jnp.dtype(param_dtype)
-    for ours, hf_name, hf_shape, transpose in mapping:
-      name = prefix + hf_name
-      if name not in names:
-        raise CheckpointError(f"missing tensor {name!r} in {reader.description} (needed for "
-                              f"{'.'.join(ours)}; config {cfg_where})")
-      shape = reader.shape(name)
-      if shape != hf_shape:
-        raise CheckpointError(f"tensor {name!r} in {reader.file_of(name)} has shape {shape}, "
-                              f"expected {hf_shape} from {cfg_where}")
-      value = reader.get(name)
-      if transpose:
-        value = value.T
-      flat[ours] = np.ascontiguousarray(value.astype(np_dtype))
+    flat = _read_mapped(reader, mapping, prefix, jnp.dtype(param_dtype), cfg_where)
     if strict:
       used = {prefix + m[1] for m in mapping}
       extra = sorted(k for k in names
@@ -278,6 +333,38 @@ def load_hf_text_encoder(directory: str, *, dtype=jnp.float32, param_dtype=jnp.f
   return build_text_encoder(cfg, params, dtype=dtype, param_dtype=param_dtype)
 
 
+def load_clip_model(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
+  """A full CLIPModel directory (both towers and projections, any size: ViT-B/32, ViT-L/14,
+  OpenCLIP ViT-g/14 as Hugging Face lays them out) as an NNX `clip_vision.CLIPModel`."""
+  from md_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
+  text_cfg = read_text_config(directory)
+  vision_cfg, projection_dim = read_vision_config(directory)
+  cfg_where = os.path.join(directory, CONFIG_FILE)
+  np_dtype = jnp.dtype(param_dtype)
+  reader = SafetensorsReader(directory)
+  try:
+    flat = {("text_model",) + k: v for k, v in _read_mapped(
+        reader, param_mapping(text_cfg), "text_model.", np_dtype, cfg_where).items()}
+    flat.update({("vision_model",) + k: v for k, v in _read_mapped(
+        reader, vision_param_mapping(vision_cfg), "vision_model.", np_dtype, cfg_where).items()})
+    heads = [(("visual_projection", "kernel"), "visual_projection.weight",
+              (projection_dim, int(vision_cfg.hidden_size)), True),
+             (("text_projection", "kernel"), "text_projection.weight",
+              (projection_dim, int(text_cfg.hidden_size)), True)]
+    flat.update(_read_mapped(reader, heads, "", np_dtype, cfg_where))
+  finally:
+    reader.close()
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: clip_vision.CLIPModel(
+        text_cfg, vision_cfg, projection_dim, rngs=KeyStream(0), dtype=dtype,
+        param_dtype=param_dtype))
+  graphdef, state = nnx.split(abstract)
+  template = nnx.to_pure_dict(state)
+  values = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), _nest(flat))
+  nnx.replace_by_pure_dict(state, _restore_keys(values, template))
+  return nnx.merge(graphdef, state)
+
+
 # ------------------------------------------------------------------------------------ tokenizer
 def load_hf_tokenizer(directory: str):
   """transformers' CLIPTokenizer (the `tokenizers`-backed one) from `directory`, offline."""
@@ -316,5 +403,7 @@ class TextEncoder:
 
 
 __all__ = ["CheckpointError", "HF_TEXT_DEFAULTS", "SafetensorsReader", "TextEncoder",
-           "build_text_encoder", "load_hf_text_encoder", "load_hf_tokenizer", "load_text_params",
-           "param_mapping", "read_text_config", "tokenize"]
+           "build_text_encoder", "load_clip_model", "load_hf_text_encoder", "load_hf_tokenizer",
+           "load_text_params",
+           "param_mapping", "read_text_config", "read_vision_config", "tokenize",
+           "vision_param_mapping"]
