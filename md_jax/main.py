@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
 from absl import app
@@ -26,21 +25,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def maybe_initialize_distributed(mode: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  if mode == "off":
-    return
-  env = os.environ
-  coordinator = env.get("JAX_COORDINATOR_ADDRESS")
-  if coordinator:
-    if env.get("JAX_PLATFORMS", "") == "cpu" or env.get("MD_JAX_CPU_COLLECTIVES"):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=int(env["JAX_NUM_PROCESSES"]),
-        process_id=int(env["JAX_PROCESS_ID"]))
-    return
-  if mode == "on" or env.get("TPU_WORKER_HOSTNAMES") or env.get("SLURM_JOB_ID"):
-    jax.distributed.initialize()
+  from md_jax.train import sharding as shd  # pylint: disable=g-import-not-at-top
+  shd.maybe_initialize_distributed(mode)
 
 
 def main(argv):

@@ -29,37 +29,12 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "empty"
 
 
-def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = True):
-  """(config, LatentDiffusion, mesh, unet params, frozen, step) restored from ``workdir``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = True,
+                      config=None):
+  """(config, LatentDiffusion, mesh, unet params, frozen, step): see
+  md_jax.train.diffusion.load_for_sampling."""
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
-  from md_jax.train import sharding as shd  # pylint: disable=g-import-not-at-top
-
-  step = ckpt_lib.latest_step_in(workdir) if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}")
-  cfg_json = ckpt_lib.read_config_json(workdir, step)
-  if not cfg_json:
-    raise FileNotFoundError(f"{workdir} step {step} holds no config")
-  config = ml_collections.ConfigDict(cfg_json)
-  if config.trainer != "diffusion":
-    raise ValueError(f"{workdir} is a {config.trainer!r} run; sampling needs a diffusion run")
-  # Sampling runs on whatever this machine has, not the training mesh.
-  mesh = shd.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
-  ld = diff.LatentDiffusion(config)
-  rules = shd.rules_dict([tuple(r) for r in config.sharding_rules])
-  unet_sh = shd.tree_shardings(ld.unet.abstract_params, ld.unet.logical, rules, mesh)
-  frozen_abs, frozen_logical = ld.frozen_spec()
-  frozen_sh = shd.tree_shardings(frozen_abs, frozen_logical, rules, mesh)
-  place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-  unet_abs = jax.tree.map(place, ld.unet.abstract_params, unet_sh)
-  frozen_abs = jax.tree.map(place, frozen_abs, frozen_sh)
-  which = "ema_params" if use_ema and config.ema_decay else "params"
-  got, step = ckpt_lib.restore_subset(workdir, {which: {"unet": unet_abs}, "frozen": frozen_abs},
-                                      step)
-  return config, ld, mesh, got[which]["unet"], got["frozen"], step
+  return diff.load_for_sampling(workdir, step, use_ema, config)
 
 
 def main(argv):

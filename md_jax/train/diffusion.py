@@ -115,14 +115,23 @@ class LatentDiffusion:
     return (image_size // f, image_size // f, int(self.config.vae.latent_channels))
 
   def sample(self, unet_params, frozen, input_ids, null_ids, noise, *, num_steps, guidance_scale,
-             guidance_rescale=0.0):
-    """DDIM with CFG from given noise; returns images in [-1, 1]. Traced under jit."""
+             guidance_rescale=0.0, sampler="ddim"):
+    """``sampler`` ('ddim', 'dpmpp2m' or 'onestep') with CFG from given noise; returns images in
+    [-1, 1]. Traced under jit."""
     context = self.encode_text(frozen, input_ids)
     null = self.encode_text(frozen, null_ids[:1])
-    z = samplers.ddim_sample(
-        self.schedule, self.unet_apply(unet_params), noise, context, num_steps=num_steps,
-        null_context=null if guidance_scale != 1.0 else None, guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale)
+    kw = dict(null_context=null if guidance_scale != 1.0 else None, guidance_scale=guidance_scale,
+              guidance_rescale=guidance_rescale)
+    apply_fn = self.unet_apply(unet_params)
+    if sampler == "ddim":
+      z = samplers.ddim_sample(self.schedule, apply_fn, noise, context, num_steps=num_steps, **kw)
+    elif sampler == "dpmpp2m":
+      z = samplers.dpmpp_2m_sample(self.schedule, apply_fn, noise, context, num_steps=num_steps,
+                                   **kw)
+    elif sampler == "onestep":
+      z = samplers.onestep_sample(self.schedule, apply_fn, noise, context, **kw)
+    else:
+      raise ValueError(f"unknown sampler {sampler!r}; expected one of {samplers.SAMPLERS}")
     return self.decode_latents(frozen, z)
 
 
@@ -139,8 +148,12 @@ def sample_noise(seed: int, indices: np.ndarray, shape) -> jax.Array:
 
 
 def generate(ld: LatentDiffusion, mesh, unet_params, frozen, prompts, *, seed, image_size,
-             num_steps, guidance_scale, batch_size, guidance_rescale=0.0, progress=False):
-  """Images for ``prompts`` sharded over the mesh's batch axes, gathered to host as uint8."""
+             num_steps, guidance_scale, batch_size, guidance_rescale=0.0, progress=False,
+             sampler="ddim"):
+  """Images for ``prompts`` sharded over the mesh's batch axes, gathered to host as uint8.
+
+  Sample i's noise depends only on (seed, i), so the images do not depend on the batch size or
+  the number of devices or hosts."""
   div = shd.batch_divisor(mesh)
   batch_size = max(div, (batch_size // div) * div)
   ids_all = ld.tokenize(prompts)
@@ -149,12 +162,13 @@ def generate(ld: LatentDiffusion, mesh, unet_params, frozen, prompts, *, seed, i
   fn = jax.jit(
       lambda p, fz, ids, nul, noise: ld.sample(p, fz, ids, nul, noise, num_steps=num_steps,
                                                 guidance_scale=guidance_scale,
-                                                guidance_rescale=guidance_rescale))
+                                                guidance_rescale=guidance_rescale,
+                                                sampler=sampler))
   out = []
   chunks = range(0, len(prompts), batch_size)
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    chunks = tqdm(chunks, desc="sampling", unit="batch")
+    chunks = tqdm(chunks, desc=f"sampling ({sampler})", unit="batch")
   for start in chunks:
     idx = np.arange(start, min(start + batch_size, len(prompts)))
     n = len(idx)
@@ -169,6 +183,50 @@ def generate(ld: LatentDiffusion, mesh, unet_params, frozen, prompts, *, seed, i
     imgs = fn(unet_params, frozen, ids, nul, noise)
     out.append(samples_lib.to_uint8(samples_lib.gather_to_host(imgs))[:n])
   return np.concatenate(out, axis=0)
+
+
+def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = True,
+                      config=None):
+  """(config, LatentDiffusion, mesh, unet params, frozen, step) restored from ``workdir``.
+
+  A diffusion or UFOGen run; only the UNet's params (EMA when the run kept them and ``use_ema``)
+  and the frozen text encoder / VAE / latent statistics are read, placed on this machine's
+  devices whatever mesh saved them. ``config`` replaces the config stored with the checkpoint
+  (its shapes must match the checkpoint's).
+  """
+  step = ckpt_lib.latest_step_in(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}")
+  if config is None:
+    cfg_json = ckpt_lib.read_config_json(workdir, step)
+    if not cfg_json:
+      raise FileNotFoundError(f"{workdir} step {step} holds no config (pass one with --config)")
+    config = ml_collections.ConfigDict(cfg_json)
+  if config.trainer not in ("diffusion", "ufogen"):
+    raise ValueError(f"{workdir} is a {config.trainer!r} run; sampling needs a diffusion or "
+                     "UFOGen run")
+  # Sampling runs on whatever this machine has, not the training mesh.
+  mesh = shd.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
+  ld = LatentDiffusion(config)
+  rules = shd.rules_dict([tuple(r) for r in config.sharding_rules])
+  unet_sh = shd.tree_shardings(ld.unet.abstract_params, ld.unet.logical, rules, mesh)
+  frozen_abs, frozen_logical = ld.frozen_spec()
+  frozen_sh = shd.tree_shardings(frozen_abs, frozen_logical, rules, mesh)
+  place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  unet_abs = jax.tree.map(place, ld.unet.abstract_params, unet_sh)
+  frozen_abs = jax.tree.map(place, frozen_abs, frozen_sh)
+  which = "ema_params" if use_ema and config.ema_decay else "params"
+  try:
+    got, step = ckpt_lib.restore_subset(workdir, {which: {"unet": unet_abs}, "frozen": frozen_abs},
+                                        step)
+  except ckpt_lib.MissingStateError:
+    if which == "params":
+      raise
+    which = "params"  # the run kept no EMA copy
+    got, step = ckpt_lib.restore_subset(workdir, {which: {"unet": unet_abs}, "frozen": frozen_abs},
+                                        step)
+  ld.restored_params = which
+  return config, ld, mesh, got[which]["unet"], got["frozen"], step
 
 
 @loop.register("diffusion")

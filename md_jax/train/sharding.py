@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -129,3 +130,22 @@ def global_batch_from_local(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict
     v = np.asarray(v)
     out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
   return out
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+  """jax.distributed.initialize() when ``mode`` is 'on', or 'auto' and a cluster is detected
+  (TPU VM pods, SLURM, or JAX_COORDINATOR_ADDRESS set); 'off' never."""
+  if mode == "off":
+    return
+  env = os.environ
+  coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator:
+    if env.get("JAX_PLATFORMS", "") == "cpu" or env.get("MD_JAX_CPU_COLLECTIVES"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]))
+    return
+  if mode == "on" or env.get("TPU_WORKER_HOSTNAMES") or env.get("SLURM_JOB_ID"):
+    jax.distributed.initialize()

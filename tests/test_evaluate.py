@@ -1,0 +1,102 @@
+"""The evaluation CLI on a tiny trained shapes run: restore, sample sharded, judge + VAE-space
+distance + CLIP score, JSON / TensorBoard / grids / curve; the same on 8 fake devices."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import cli_env, run_module, tiny_config
+from md_jax import evaluate
+from md_jax.train import loop
+
+# The UNet of tests/test_ufogen.py: every block type, a third of the tiny shapes UNet's ops.
+MICRO_UNET = {"unet.channels": (8, 16), "unet.down_blocks": (1, 1), "unet.up_blocks": (2, 2),
+              "unet.down_conv": ("full", "sep"), "unet.up_conv": ("full", "sep"),
+              "unet.down_depth": (0, 1), "unet.up_depth": (0, 1), "unet.self_attn": (False, True),
+              "unet.time_embed_dim": 16}
+ARGS = dict(sampler="dpmpp2m", num_steps=3, cfg_scales=[1.0, 3.0], num_samples=8, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def run_dir(vae_workdir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("diffusion"))
+  config = tiny_config("lowres", vae_workdir=vae_workdir, num_train_steps=2, eval_at_end=False,
+                       **MICRO_UNET)
+  loop.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+  """A tiny random CLIPModel directory (as tests/test_clip_score.py makes it)."""
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from test_text_encoder_hf import _copy_tokenizer, _tiny_text_config  # pylint: disable=g-import-not-at-top
+  cfg = transformers.CLIPConfig(
+      text_config=_tiny_text_config().to_dict(),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=32, patch_size=16),
+      projection_dim=16)
+  directory = str(tmp_path_factory.mktemp("clip"))
+  transformers.CLIPModel(cfg).eval().save_pretrained(directory)
+  _copy_tokenizer(directory)
+  return directory
+
+
+@pytest.mark.slow  # a tiny diffusion run, two samplings and an 8-device CLI run: ~90 s
+def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir, tmp_path):
+  one = str(tmp_path / "one")
+  report = evaluate.evaluate(run_dir, clip_dir=clip_dir, out=one, progress=False, **ARGS)
+  assert report["step"] == 2 and report["params"] == "ema_params"
+  assert [r["cfg"] for r in report["results"]] == [1.0, 3.0]
+  for r in report["results"]:
+    assert np.isfinite(r["fd_vae"]) and r["fd_vae"] > 0
+    assert -1.0 <= r["clip_score"] <= 1.0 and r["clip_score_count"] == 8
+    assert r["judge"]["n"] == 8 and 0.0 <= r["judge"]["all"] <= 1.0
+    assert os.path.isfile(r["grid"])
+  imgs = report["images"]
+  assert imgs[1.0].shape == (8, 32, 32, 3) and imgs[1.0].dtype == np.uint8
+  assert not np.array_equal(imgs[1.0], imgs[3.0])  # guidance changes the samples
+  with open(report["json"]) as f:
+    saved = json.load(f)
+  assert saved["sampler"] == "dpmpp2m" and saved["num_steps"] == 3
+  assert os.path.isfile(saved["curve"]) and Image.open(saved["curve"]).size == (720, 520)
+  assert glob.glob(os.path.join(one, "tensorboard", "events.out.tfevents.*"))
+
+  # The CLI on 8 fake CPU devices: the same images (grids) and metrics.
+  eight = str(tmp_path / "eight")
+  proc = run_module("md_jax.evaluate", f"--workdir={run_dir}", "--sampler=dpmpp2m", "--steps=3",
+                    "--sweep_cfg=1,3", "--num_samples=8", "--batch_size=8",
+                    f"--clip_dir={clip_dir}", f"--out={eight}", "--noprogress",
+                    env=cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  with open(summary["json"]) as f:
+    other = json.load(f)
+  assert other["devices"] == 8 and report["devices"] == 1
+  for a, b in zip(saved["results"], other["results"]):
+    ga = np.asarray(Image.open(a["grid"]), np.int16)
+    gb = np.asarray(Image.open(b["grid"]), np.int16)
+    assert np.abs(ga - gb).max() <= 1, f"cfg {a['cfg']}: images differ across device counts"
+    for key in ("fd_vae", "clip_score"):
+      assert abs(a[key] - b[key]) <= 1e-3 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    assert a["judge"]["all"] == b["judge"]["all"]
+
+
+def test_evaluate_errors_are_named(run_dir, tmp_path):
+  with pytest.raises(ValueError, match="both --fid_stats and --inception"):
+    evaluate.evaluate(run_dir, fid_stats=str(tmp_path / "s.npz"))
+  with pytest.raises(FileNotFoundError, match="--clip_dir"):
+    evaluate.evaluate(run_dir, clip_dir=str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    evaluate.evaluate(str(tmp_path / "empty"))
+  (tmp_path / "p.json").write_text(json.dumps({"captions": [{"caption": "a"}, "b"]}))
+  assert evaluate.read_prompts(str(tmp_path / "p.json")) == ["a", "b"]
+  (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+  assert evaluate.read_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
