@@ -8,6 +8,8 @@ SOURCE is one of
   * a directory prepared by ``python -m md_jax.data.prepare`` (has index.json: ArrayRecord shards);
   * ``tfds:NAME[:SPLIT]`` for a TFDS dataset prepared in ArrayRecord format (``--tfds_data_dir``).
 
+``--list=FILE`` keeps only the named files of a folder (the COCO-30K JSON written by
+``md_jax.tools.coco_captions``, or one relative path a line), in that order.
 ``--image_size=N`` centre-crops each image to a square and resizes it to N x N (PIL bicubic), the
 way generated images are framed; records and TFDS sources need it. Without it, images of a folder
 are used at their own size and must all share one size (as pytorch-fid's batched loader
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 from typing import Iterator
@@ -57,12 +60,28 @@ def list_images(folder: str) -> list[str]:
   return sorted(out)
 
 
+def read_list(path: str) -> list[str]:
+  """File names from a COCO-30K JSON (md_jax.tools.coco_captions) or a text file, one a line."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--list={path!r}: no such file")
+  with open(path) as f:
+    if path.endswith(".json"):
+      data = json.load(f)
+      items = data["captions"] if isinstance(data, dict) else data
+      return [it["file_name"] if isinstance(it, dict) else str(it) for it in items]
+    return [line.strip() for line in f if line.strip()]
+
+
 def iter_images(spec: str, *, image_size: int = 0, num_images: int = 0,
-                tfds_data_dir: str | None = None) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
-  """(count, iterator of (name, uint8 HxWx3)) for a folder, prepared directory or tfds: spec."""
+                tfds_data_dir: str | None = None, list_file: str | None = None
+                ) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
+  """(count, iterator of (name, uint8 HxWx3)) for a folder, prepared directory or tfds: spec;
+  with ``list_file`` only the named files of the folder, in the list's order."""
   from md_jax.data import records  # pylint: disable=g-import-not-at-top
   is_records = spec.startswith("tfds:") or os.path.isfile(os.path.join(spec, records.INDEX_NAME))
   if is_records:
+    if list_file:
+      raise ValueError("--list selects files of a folder; records and TFDS sources take none")
     if not image_size:
       raise ValueError(f"{spec}: records and TFDS sources need --image_size (the square size "
                        "real images are cropped and resized to, e.g. the generation size)")
@@ -76,7 +95,14 @@ def iter_images(spec: str, *, image_size: int = 0, num_images: int = 0,
     return n, gen()
   if not os.path.isdir(spec):
     raise FileNotFoundError(f"--images={spec!r}: no such folder (or tfds:NAME[:SPLIT])")
-  paths = list_images(spec)
+  if list_file:
+    paths = [os.path.join(spec, name) for name in read_list(list_file)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+      raise FileNotFoundError(f"{len(missing)} files named by {list_file} are not in {spec}, "
+                              f"e.g. {missing[0]}")
+  else:
+    paths = list_images(spec)
   if not paths:
     raise FileNotFoundError(f"{spec}: no image files ({', '.join(IMAGE_EXTS)})")
   paths = paths[:num_images] if num_images else paths
@@ -101,11 +127,12 @@ def batches(items: Iterator[tuple[str, np.ndarray]], batch_size: int) -> Iterato
 
 
 def compute_stats(extractor, spec: str, *, batch_size: int = 50, image_size: int = 0,
-                  num_images: int = 0, tfds_data_dir: str | None = None, progress: bool = True):
+                  num_images: int = 0, tfds_data_dir: str | None = None, progress: bool = True,
+                  list_file: str | None = None):
   """(mu, sigma, count) of ``extractor``'s features over the images of ``spec``."""
   from md_jax.evaluators import fid  # pylint: disable=g-import-not-at-top
   total, items = iter_images(spec, image_size=image_size, num_images=num_images,
-                             tfds_data_dir=tfds_data_dir)
+                             tfds_data_dir=tfds_data_dir, list_file=list_file)
   stats = fid.FeatureStats()
   bar = None
   if progress:
@@ -129,6 +156,9 @@ def main(argv=None) -> int:
   parser.add_argument("--num_images", type=int, default=0, help="first N images (0: all)")
   parser.add_argument("--batch_size", type=int, default=50)
   parser.add_argument("--tfds_data_dir", default=None)
+  parser.add_argument("--list", default=None,
+                      help="only these files of the --images folder: a COCO-30K JSON from "
+                           "md_jax.tools.coco_captions, or one relative path a line")
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
@@ -137,7 +167,7 @@ def main(argv=None) -> int:
     extractor = fid.make_extractor(args.inception, args.batch_size)
     mu, sigma, count = compute_stats(
         extractor, args.images, batch_size=extractor.batch_size, image_size=args.image_size,
-        num_images=args.num_images, tfds_data_dir=args.tfds_data_dir,
+        num_images=args.num_images, tfds_data_dir=args.tfds_data_dir, list_file=args.list,
         progress=not args.no_progress and jax.process_index() == 0)
   except (FileNotFoundError, KeyError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
