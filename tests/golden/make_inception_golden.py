@@ -4,7 +4,7 @@ pytorch-fid (the FID reference implementation) needs torchvision, which does not
 the torch the test extra pins, so the reference runs once here, in its own environment:
 
   python3.11 -m venv /tmp/goldenvenv
-  /tmp/goldenvenv/bin/pip install -e '.[golden]'      # or: torch torchvision pytorch-fid numpy
+  /tmp/goldenvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid==0.3.0 numpy
   /tmp/goldenvenv/bin/python tests/golden/make_inception_golden.py
 
 It builds pytorch-fid's InceptionV3 (FID weights variant: output block 3, resize to 299,
