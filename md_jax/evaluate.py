@@ -11,8 +11,9 @@ whatever mesh saved them, generates one image per prompt sharded over all device
 noise depends only on (seed, i), so the images do not depend on the device count), and computes:
 
   * the shapes judge (shapes runs: prompts from the data set's evaluation prompts) and
-    ``fd_vae``: the Frechet distance between generated and real shapes images in the run's own
-    VAE-encoder latent space, a shapes-only diagnostic (Inception features mean nothing there);
+    ``fd_vae`` / ``kid_vae``: the Frechet distance and KID between generated and real shapes
+    images in the run's own VAE-encoder latent space, a shapes-only diagnostic (Inception
+    features mean nothing there);
   * ``fid`` against a statistics file (``--fid_stats``, made by md_jax.tools.fid_stats with the
     same ``--inception`` weights), e.g. FID-30K with the COCO-30K captions as ``--prompts``;
   * ``clip_score``: the raw image-prompt cosine with the CLIP model in ``--clip_dir``.
@@ -173,10 +174,11 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
   if clip_dir:
     from md_jax.evaluators import clip_score  # pylint: disable=g-import-not-at-top
     scorer = clip_score.CLIPScorer(clip_dir, batch_size=32, mesh=mesh)
-  vae_feats = ref_stats = None
+  vae_feats = ref_stats = ref_feats = None
   if shapes_run:
     vae_feats = _VaeFeatures(ld, mesh, frozen, batch_size)
-    ref_stats, _ = _shapes_reference(config, vae_feats, max(len(prompts), 256), image_size)
+    ref_stats, ref_feats = _shapes_reference(config, vae_feats, max(len(prompts), 256),
+                                             image_size)
 
   writer = loop._make_writer(out) if main_process else None  # pylint: disable=protected-access
   results = []
@@ -198,6 +200,8 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
       f = vae_feats(images)
       mu, sigma, _ = fid_lib.FeatureStats(f.shape[1]).update(f).result()
       metrics["fd_vae"] = fid_lib.frechet_distance(mu, sigma, ref_stats[0], ref_stats[1])
+      metrics["kid_vae"] = fid_lib.kernel_inception_distance(f, ref_feats, num_subsets=50,
+                                                             subset_size=min(len(f), 1000))
     if main_process:
       if shapes_run:
         from md_jax.evaluators import shapes_judge  # pylint: disable=g-import-not-at-top

@@ -56,7 +56,7 @@ def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir,
   assert report["step"] == 2 and report["params"] == "ema_params"
   assert [r["cfg"] for r in report["results"]] == [1.0, 3.0]
   for r in report["results"]:
-    assert np.isfinite(r["fd_vae"]) and r["fd_vae"] > 0
+    assert np.isfinite(r["fd_vae"]) and r["fd_vae"] > 0 and np.isfinite(r["kid_vae"])
     assert -1.0 <= r["clip_score"] <= 1.0 and r["clip_score_count"] == 8
     assert r["judge"]["n"] == 8 and 0.0 <= r["judge"]["all"] <= 1.0
     assert os.path.isfile(r["grid"])
@@ -84,7 +84,7 @@ def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir,
     ga = np.asarray(Image.open(a["grid"]), np.int16)
     gb = np.asarray(Image.open(b["grid"]), np.int16)
     assert np.abs(ga - gb).max() <= 1, f"cfg {a['cfg']}: images differ across device counts"
-    for key in ("fd_vae", "clip_score"):
+    for key in ("fd_vae", "kid_vae", "clip_score"):
       assert abs(a[key] - b[key]) <= 1e-3 * max(1.0, abs(a[key])), (key, a[key], b[key])
     assert a["judge"]["all"] == b["judge"]["all"]
 

@@ -155,3 +155,24 @@ def test_converter_and_loader_errors_name_the_tensor(tmp_path):
     fid.load_params(str(tmp_path / "partial.npz"))
   with pytest.raises(FileNotFoundError, match="fid_stats"):
     fid.load_stats(str(tmp_path / "nope_stats.npz"))
+
+
+def test_kid_matches_direct_unbiased_mmd():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(40, 16))
+  y = rng.normal(size=(30, 16)) * 1.3 + 0.4
+
+  def k(a, b):
+    return (a @ b.T / 16 + 1) ** 3
+
+  m = 30
+  kxx, kyy, kxy = k(x[:m], x[:m]), k(y, y), k(x[:m], y)
+  want = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+  # One subset holding every sample of the smaller set: the subset draw only permutes rows.
+  sub = fid.kernel_inception_distance(x[:m], y, num_subsets=1, subset_size=m)
+  assert abs(sub - want) < 1e-10 * abs(want)
+  # Unbiased: two independent sets of one distribution score ~0, a shifted one clearly more.
+  a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+  shifted = fid.kernel_inception_distance(a, b + 0.5, num_subsets=10, subset_size=100)
+  same = fid.kernel_inception_distance(a, b, num_subsets=10, subset_size=100)
+  assert shifted > 0 and abs(same) < 0.1 * shifted, (same, shifted)
