@@ -10,10 +10,11 @@ encoder, VAE and latent statistics; md_jax.train.diffusion.load_for_sampling) on
 whatever mesh saved them, generates one image per prompt sharded over all devices (sample i's
 noise depends only on (seed, i), so the images do not depend on the device count), and computes:
 
-  * the shapes judge (shapes runs: prompts from the data set's evaluation prompts) and
-    ``fd_vae`` / ``kid_vae``: the Frechet distance and KID between generated and real shapes
-    images in the run's own VAE-encoder latent space, a shapes-only diagnostic (Inception
-    features mean nothing there);
+  * on shapes runs (prompts: the data set's evaluation prompts): the shapes judge, and the
+    Frechet distance and KID between generated and real eval-split images in two feature
+    spaces (Inception features mean nothing on these images): ``fd_shapes`` / ``kid_shapes``
+    with the shipped shapes feature network (md_jax/evaluators/shapes_features.py, the same for
+    every run) and ``fd_vae`` / ``kid_vae`` in the run's own VAE-encoder latent space;
   * ``fid`` against a statistics file (``--fid_stats``, made by md_jax.tools.fid_stats with the
     same ``--inception`` weights), e.g. FID-30K with the COCO-30K captions as ``--prompts``;
   * ``clip_score``: the raw image-prompt cosine with the CLIP model in ``--clip_dir``.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -110,13 +110,19 @@ class _VaeFeatures:
     return np.concatenate(out, axis=0).astype(np.float64)
 
 
-def _shapes_reference(config, feats: _VaeFeatures, n: int, image_size: int):
+def _shapes_real(config, n: int, image_size: int) -> np.ndarray:
   from md_jax.data import shapes  # pylint: disable=g-import-not-at-top
-  from md_jax.evaluators import fid  # pylint: disable=g-import-not-at-top
-  real = np.stack([shapes.make_record("eval", i, image_size, seed=int(config.data.seed))["image"]
+  return np.stack([shapes.make_record("eval", i, image_size, seed=int(config.data.seed))["image"]
                    for i in range(n)])
-  f = feats(real)
-  return fid.FeatureStats(f.shape[1]).update(f).result(), f
+
+
+def _distances(feats, real_feats, ref_stats, prefix: str) -> dict[str, float]:
+  from md_jax.evaluators import fid  # pylint: disable=g-import-not-at-top
+  f = np.asarray(feats, np.float64)
+  mu, sigma, _ = fid.FeatureStats(f.shape[1]).update(f).result()
+  return {f"fd_{prefix}": fid.frechet_distance(mu, sigma, ref_stats[0], ref_stats[1]),
+          f"kid_{prefix}": fid.kernel_inception_distance(f, real_feats, num_subsets=50,
+                                                         subset_size=min(len(f), 1000))}
 
 
 def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str = "ddim",
@@ -174,34 +180,39 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
   if clip_dir:
     from md_jax.evaluators import clip_score  # pylint: disable=g-import-not-at-top
     scorer = clip_score.CLIPScorer(clip_dir, batch_size=32, mesh=mesh)
-  vae_feats = ref_stats = ref_feats = None
+  # Shapes: distances in two feature spaces, each with statistics of real eval-split images:
+  # the shipped shapes feature network (a fixed yardstick across runs) and the run's own VAE.
+  spaces = {}
   if shapes_run:
-    vae_feats = _VaeFeatures(ld, mesh, frozen, batch_size)
-    ref_stats, ref_feats = _shapes_reference(config, vae_feats, max(len(prompts), 256),
-                                             image_size)
+    from md_jax.evaluators import shapes_features  # pylint: disable=g-import-not-at-top
+    real = _shapes_real(config, max(len(prompts), 256), image_size)
+    extractors = {"vae": _VaeFeatures(ld, mesh, frozen, batch_size)}
+    if os.path.isfile(shapes_features.DEFAULT_WEIGHTS):
+      extractors["shapes"] = fid_lib.FeatureExtractor(shapes_features.load(), batch_size, mesh)
+    for name, fn in extractors.items():
+      rf = np.asarray(fn(real), np.float64)
+      spaces[name] = (fn, rf, fid_lib.FeatureStats(rf.shape[1]).update(rf).result())
 
   writer = loop._make_writer(out) if main_process else None  # pylint: disable=protected-access
   results = []
   for scale in cfg_scales:
-    t0 = time.time()
+    timings: list = []
     images = diff.generate(ld, mesh, unet, frozen, prompts, seed=seed, image_size=image_size,
                            num_steps=num_steps, guidance_scale=scale,
                            guidance_rescale=float(sc.guidance_rescale), batch_size=batch_size,
-                           progress=progress, sampler=sampler)
-    gen_s = time.time() - t0
+                           progress=progress, sampler=sampler, timings=timings)
     metrics: dict[str, Any] = dict(cfg=scale, num_samples=len(images),
-                                   images_per_s=len(images) / max(gen_s, 1e-9))
+                                   sampling_seconds=sum(t for _, t in timings))
+    if len(timings) > 1:  # throughput without the first batch, which includes the compile
+      later = timings[1:]
+      metrics["images_per_s"] = sum(n for n, _ in later) / max(sum(t for _, t in later), 1e-9)
     if extractor is not None:
       metrics.update(dict(fid_lib.run(extractor, [images], fid_stats)))
     if scorer is not None:
       from md_jax.evaluators import clip_score  # pylint: disable=g-import-not-at-top
       metrics.update(dict(clip_score.run(scorer, images, prompts)))
-    if shapes_run:
-      f = vae_feats(images)
-      mu, sigma, _ = fid_lib.FeatureStats(f.shape[1]).update(f).result()
-      metrics["fd_vae"] = fid_lib.frechet_distance(mu, sigma, ref_stats[0], ref_stats[1])
-      metrics["kid_vae"] = fid_lib.kernel_inception_distance(f, ref_feats, num_subsets=50,
-                                                             subset_size=min(len(f), 1000))
+    for name, (fn, real_feats, real_stats) in spaces.items():
+      metrics.update(_distances(fn(images), real_feats, real_stats, name))
     if main_process:
       if shapes_run:
         from md_jax.evaluators import shapes_judge  # pylint: disable=g-import-not-at-top
@@ -244,6 +255,10 @@ def _write_curve(results, path: str, tag: str) -> str | None:
   if "fid" in first and "clip_score" in first:
     pts = [(r["clip_score"], r["fid"]) for r in results]
     xlabel, ylabel, short = "CLIP score (raw cosine)", "FID", "FID vs CLIP score"
+  elif "fd_shapes" in first and "judge" in first:
+    pts = [(r["judge"]["all"], r["fd_shapes"]) for r in results]
+    xlabel, ylabel = "shapes judge: share with all attributes right", "FID (shapes features)"
+    short = "shapes FID vs judge"
   elif "fd_vae" in first and "judge" in first:
     pts = [(r["judge"]["all"], r["fd_vae"]) for r in results]
     xlabel, ylabel = "shapes judge: share with all attributes right", "Frechet distance (VAE latents)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -149,11 +150,12 @@ def sample_noise(seed: int, indices: np.ndarray, shape) -> jax.Array:
 
 def generate(ld: LatentDiffusion, mesh, unet_params, frozen, prompts, *, seed, image_size,
              num_steps, guidance_scale, batch_size, guidance_rescale=0.0, progress=False,
-             sampler="ddim"):
+             sampler="ddim", timings: list | None = None):
   """Images for ``prompts`` sharded over the mesh's batch axes, gathered to host as uint8.
 
   Sample i's noise depends only on (seed, i), so the images do not depend on the batch size or
-  the number of devices or hosts."""
+  the number of devices or hosts. ``timings``, if a list, receives (rows, seconds) per batch
+  (the first batch includes the compile)."""
   div = shd.batch_divisor(mesh)
   batch_size = max(div, (batch_size // div) * div)
   ids_all = ld.tokenize(prompts)
@@ -180,8 +182,11 @@ def generate(ld: LatentDiffusion, mesh, unet_params, frozen, prompts, *, seed, i
     ids = jax.device_put(ids, sh)
     noise = jax.device_put(noise, shd.batch_sharding(mesh, 4))
     nul = jax.device_put(null_ids, sh)
+    t0 = time.perf_counter()
     imgs = fn(unet_params, frozen, ids, nul, noise)
     out.append(samples_lib.to_uint8(samples_lib.gather_to_host(imgs))[:n])
+    if timings is not None:
+      timings.append((n, time.perf_counter() - t0))
   return np.concatenate(out, axis=0)
 
 
