@@ -89,11 +89,12 @@ def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir,
     assert a["judge"]["all"] == b["judge"]["all"]
 
 
-def test_evaluate_errors_are_named(run_dir, tmp_path):
+def test_evaluate_errors_are_named(tmp_path):
+  # Checked before anything is restored.
   with pytest.raises(ValueError, match="both --fid_stats and --inception"):
-    evaluate.evaluate(run_dir, fid_stats=str(tmp_path / "s.npz"))
+    evaluate.evaluate(str(tmp_path), fid_stats=str(tmp_path / "s.npz"))
   with pytest.raises(FileNotFoundError, match="--clip_dir"):
-    evaluate.evaluate(run_dir, clip_dir=str(tmp_path / "nope"))
+    evaluate.evaluate(str(tmp_path), clip_dir=str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     evaluate.evaluate(str(tmp_path / "empty"))
   (tmp_path / "p.json").write_text(json.dumps({"captions": [{"caption": "a"}, "b"]}))
