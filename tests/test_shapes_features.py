@@ -23,7 +23,7 @@ def _real(start, n, size=32):
 def test_shipped_network_recognises_attributes():
   acc = train_shapes_features.evaluate(shapes_features.load(), num=128)
   # Chance: colour 1/6, shape 1/4, position 1/9. Shape is the hard one on 32 px images.
-  assert acc["colour"] >= 0.95 and acc["position"] >= 0.95 and acc["shape"] >= 0.75, acc
+  assert acc["colour"] >= 0.95 and acc["position"] >= 0.95 and acc["shape"] >= 0.8, acc
 
 
 def test_shapes_fid_separates_real_from_degraded(extractor):

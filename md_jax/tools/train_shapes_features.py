@@ -1,12 +1,13 @@
 """Trains the shapes feature network (md_jax/evaluators/shapes_features.py) and writes its weights.
 
 ``python -m md_jax.tools.train_shapes_features --out=md_jax/assets/shapes_features.npz
-[--steps=600] [--batch_size=64] [--seed=0]``
+[--steps=1500] [--batch_size=64] [--seed=0]``
 
 Supervised on the shapes training split (colour, shape and position labels, summed
 cross-entropies), images rendered at random sizes of 32 or 64 px so that both the low- and
 high-resolution stages are measured in-distribution. Prints accuracy on the eval split.
-Deterministic for a given seed on one machine.
+Deterministic for a given seed on one machine. The shipped md_jax/assets/shapes_features.npz
+was made with the defaults (eval accuracy: colour 0.984, shape 0.895, position 1.0).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def evaluate(model, num: int = 512, seed: int = 0) -> dict[str, float]:
   return dict(zip(("colour", "shape", "position"), (hits / total).tolist()))
 
 
-def train(steps: int = 600, batch_size: int = 64, seed: int = 0, lr: float = 2e-3,
+def train(steps: int = 1500, batch_size: int = 64, seed: int = 0, lr: float = 2e-3,
           log_every: int = 100):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -84,7 +85,7 @@ def train(steps: int = 600, batch_size: int = 64, seed: int = 0, lr: float = 2e-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
-  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--steps", type=int, default=1500)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
