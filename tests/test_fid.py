@@ -59,6 +59,8 @@ def test_inception_features_match_pytorch_fid(inception):
   err = float(np.max(np.abs(feats - want)))
   # The images differ far more than the tolerance, so a wrong layer cannot hide in it.
   spread = float(np.max(np.abs(want[0] - want[1])))
+  print(f"\nmax abs error vs pytorch-fid: {err:.2e} (features up to {np.abs(want).max():.2f}, "
+        f"image-to-image difference {spread:.2f})")
   assert spread > 100 * 1e-4
   assert err <= 1e-4, f"max abs error {err:.3g} vs pytorch-fid"
 
@@ -91,6 +93,8 @@ def test_frechet_distance_matches_scipy_reference():
   mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
   mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
   got, want = fid.frechet_distance(mu1, s1, mu2, s2), _scipy_fid(mu1, s1, mu2, s2)
+  print(f"\nFrechet distance {got:.10g} vs scipy reference {want:.10g}: relative "
+        f"difference {abs(got - want) / abs(want):.2e}")
   assert abs(got - want) <= 1e-6 * abs(want), (got, want)
   assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)
 
