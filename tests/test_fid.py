@@ -133,7 +133,7 @@ def test_fid_stats_tool_on_a_folder(inception, tmp_path):
   results = dict(fid.run(inception[0], [g["images"]], str(out)))
   assert results["fid_count"] == 4 and abs(results["fid"]) < 1e-3
   # A folder of mixed sizes without --image_size is refused, naming the file.
-  Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(folder / "zz.png")
+  Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(folder / "0a.png")  # 2nd: no extraction
   assert fid_stats.main(["--images", str(folder), "--inception", npz, "--out", str(out),
                          "--batch_size", "4", "--no_progress"]) == 1
 
