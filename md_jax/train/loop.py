@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -442,9 +443,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_lead = jax.process_index() == 0
   checkpointer = ckpt_lib.Checkpointer(
       workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
-  data_iter = obj.data_iterator(jax.process_index(), jax.process_count())
-
   latest = checkpointer.latest_step()
+  total = int(config.num_train_steps)
+  config_json = _config_json(config)
+  done = _read_final(workdir)
+  if (latest is not None and latest == total and done is not None
+      and done.get("step") == total
+      and done.get("config") == json.loads(json.dumps(config_json, default=str))):
+    # Finished, finalized and evaluated with this very config: a rerun (e.g. of the quickstart)
+    # reports instead of redoing; any config change (steps, evaluation settings) redoes it.
+    logging.info("%s already finished at step %d; see %s (md_jax.evaluate evaluates again)",
+                 workdir, total, os.path.join(workdir, FINAL_JSON))
+    checkpointer.close()
+    return dict(step=total, metrics=done.get("metrics", {}), eval=done.get("eval", {}),
+                preempted=False, workdir=workdir)
+  data_iter = obj.data_iterator(jax.process_index(), jax.process_count())
   if latest is not None:
     logging.info("resuming from %s step %d", workdir, latest)
     state = checkpointer.restore(latest, trainer.abstract_state_sharded, data_iter)
@@ -452,7 +465,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = trainer.init_state()
   step = int(jax.device_get(state["step"]))
-  total = int(config.num_train_steps)
   writer = _make_writer(workdir)
   if latest is None and is_lead:
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
@@ -461,7 +473,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   preempt = _Preemption()
   preempt.install()
-  config_json = _config_json(config)
   last_metrics: dict[str, float] = {}
   eval_results: dict[str, Any] = {}
   preempted = False
@@ -530,6 +541,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer.wait()
       if config.eval_at_end:
         eval_results = obj.evaluate(state, step=step, workdir=workdir, writer=writer, final=True)
+      if is_lead:
+        _write_final(workdir, dict(step=step, config=config_json, metrics=last_metrics,
+                                   eval=eval_results))
   finally:
     if progress is not None:
       progress.close()
@@ -538,6 +552,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.flush()
   return dict(step=step, metrics=last_metrics, eval=eval_results, preempted=preempted,
               workdir=workdir)
+
+
+FINAL_JSON = "final.json"
+
+
+def _read_final(workdir: str) -> dict | None:
+  """The record a finished run leaves (step, last metrics, evaluation), or None."""
+  try:
+    with open(os.path.join(workdir, FINAL_JSON)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_final(workdir: str, record: dict) -> None:
+  path = os.path.join(workdir, FINAL_JSON)
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1, default=str)
+  os.replace(path + ".tmp", path)  # never a half-written record
 
 
 def _flat_config(config, prefix="") -> dict:
