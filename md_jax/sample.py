@@ -46,8 +46,8 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
     raise FileNotFoundError(f"{workdir} step {step} holds no config")
   config = ml_collections.ConfigDict(cfg_json)
   if config.trainer not in ("diffusion", "ufogen"):
-    raise ValueError(f"{workdir} is a {config.trainer!r} run; sampling needs a diffusion or "
-                     "ufogen run")
+    raise ValueError(f"{workdir} is a {config.trainer!r} run; sampling needs a diffusion run "
+                     "or a ufogen run")
   # Sampling runs on whatever this machine has, not the training mesh.
   mesh = shd.make_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
   ld = diff.LatentDiffusion(config)

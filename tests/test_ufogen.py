@@ -25,6 +25,9 @@ MICRO_UNET = {"unet.channels": (8, 16), "unet.down_blocks": (1, 1), "unet.up_blo
               "unet.time_embed_dim": 16}
 
 
+LORA_CELL = "diffusion,lora,tiny"
+
+
 def _ufogen_config(arg: str, init_from: str, **overrides):
   config = config_loading.load_config(f"configs/ufogen.py:{arg}")
   base = tiny_config("lowres")  # the test-wide settings (compilation cache, no progress bar)
@@ -258,9 +261,10 @@ def test_encoder_only_discriminator(ema_trained, pretrained):
 
 @pytest.fixture(scope="module")
 def lora_run(pretrained, tmp_path_factory):
-  """Two steps of diffusion-loss LoRA finetuning through the loop, checkpointed."""
+  """Three steps of diffusion-loss LoRA finetuning through the loop, checkpointed (also the
+  uninterrupted run the SIGKILL test resumes towards)."""
   workdir = str(tmp_path_factory.mktemp("ufogen_lora"))
-  config = _ufogen_config("diffusion,lora,tiny", pretrained, num_train_steps=2, eval_at_end=False,
+  config = _ufogen_config(LORA_CELL, pretrained, num_train_steps=3, eval_at_end=False,
                           **{"checkpoint.async_save": False})
   loop.train_and_evaluate(config, workdir)
   return dict(config=config, workdir=workdir)
@@ -284,7 +288,7 @@ def test_lora_trains_only_factors_and_merges_to_a_plain_unet(lora_run, pretraine
 
   # The checkpoint holds the factors (params, EMA, optimizer) and D; the base UNet is frozen.
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
-  saved = ckpt.saved_state_shapes(2)
+  saved = ckpt.saved_state_shapes(3)
   ckpt.close()
   assert set(saved["params"]) == set(saved["opt_state"]) == {"unet_lora", "disc"}
   assert set(saved["ema_params"]) == {"unet_lora"}
@@ -317,7 +321,7 @@ def test_lora_trains_only_factors_and_merges_to_a_plain_unet(lora_run, pretraine
   forward = jax.jit(lambda p, fz: obj.ld.unet_apply(p)(x, jnp.full((2,), 500.0),
                                                        obj.ld.encode_text(fz, ids)))
   _, _, _, sampled, frozen, step = sample.load_for_sampling(workdir)
-  assert step == 2 and "unet" not in frozen
+  assert step == 3 and "unet" not in frozen
   out_base = np.asarray(forward(base, frozen))
   np.testing.assert_array_equal(out_base, np.asarray(forward(merged0, frozen)))
   assert not np.allclose(out_base, np.asarray(forward(merged, frozen)), atol=1e-6)
@@ -325,6 +329,24 @@ def test_lora_trains_only_factors_and_merges_to_a_plain_unet(lora_run, pretraine
   for a, b in zip(jax.tree.leaves(_host(lora.merge(base, ema_factors))),
                   jax.tree.leaves(_host(sampled))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", ["diffusion,full,tiny", "distill,lora,tiny"])
+def test_remaining_table5_cells_run_a_step(arg, pretrained, tmp_path):
+  """The paper's pick and distill + LoRA; the other four Table-5 cells run in the other tests
+  of this file (distill,full: `trained`; ema,full: `ema_trained`; diffusion,lora: `lora_run`;
+  ema,lora: the 8-device test)."""
+  tr = _train(arg, pretrained, str(tmp_path), steps=1)
+  h, before, after = tr["history"][0], tr["before"]["params"], tr["after"][0]["params"]
+  assert h["finite"] == 1.0
+  if arg.startswith("distill"):
+    assert h["recon"] == 0.0  # G starts as the teacher (under LoRA: the frozen base)
+  else:
+    assert h["recon"] > 0.0  # x0' of the 2-step base is far from x0
+  for group in before:
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[group]),
+                                                        jax.tree.leaves(after[group]))), group
 
 
 # -- sharding and resume -----------------------------------------------------------------------
@@ -342,31 +364,31 @@ def test_gan_step_same_on_one_and_eight_devices(pretrained, tmp_path):
 
 
 def _cli_args(pretrained, workdir, steps, sleep=0.0):
-  """md_jax.main flags for the test_ufogen settings of configs/ufogen.py:distill,lora,tiny."""
+  """md_jax.main flags for the `lora_run` settings (configs/ufogen.py:LORA_CELL)."""
   values = {"init_from": pretrained, "data.image_size": 32, "optim.warmup_steps": 0,
             "optim.schedule": "constant", "optim.learning_rate": 1e-3,
             "ufogen.disc.learning_rate": 1e-3, "num_train_steps": steps, "checkpoint.every": 1,
             "eval_at_end": False, "progress_bar": False, "debug.step_sleep_s": sleep,
             **MICRO_UNET}
-  return ["--config=configs/ufogen.py:distill,lora,tiny", f"--workdir={workdir}"] + [
+  return [f"--config=configs/ufogen.py:{LORA_CELL}", f"--workdir={workdir}"] + [
       f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
       for k, v in values.items()]
 
 
 @pytest.mark.slow
-def test_sigkill_mid_finetune_then_resume_matches_uninterrupted(pretrained, tmp_path):
+def test_sigkill_mid_finetune_then_resume_matches_uninterrupted(lora_run, pretrained, tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   from conftest import REPO, cli_env, run_module  # pylint: disable=g-import-not-at-top
   from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  steps = 4
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  run_module("md_jax.main", *_cli_args(pretrained, straight, steps), check=True)
+  from test_train_loop import _data_state  # pylint: disable=g-import-not-at-top
+  steps = 3
+  straight, killed = lora_run["workdir"], str(tmp_path / "killed")  # straight: in this process
 
   proc = subprocess.Popen([sys.executable, "-m", "md_jax.main",
-                           *_cli_args(pretrained, killed, steps, sleep=1.5)],
+                           *_cli_args(pretrained, killed, steps, sleep=2.0)],
                           cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
@@ -386,7 +408,7 @@ def test_sigkill_mid_finetune_then_resume_matches_uninterrupted(pretrained, tmp_
   assert interrupted_at is not None and interrupted_at < steps
   run_module("md_jax.main", *_cli_args(pretrained, killed, steps), check=True)
 
-  config = _ufogen_config("distill,lora,tiny", pretrained)
+  config = _ufogen_config(LORA_CELL, pretrained)
   mesh = shd.make_mesh((1, 1, 1), config.mesh_axes, devices=jax.devices()[:1])
   obj = ufogen.UFOGenObjective(config, mesh)
   want = {"params": {"unet_lora": obj.lora.abstract_params, "disc": obj.disc.abstract_params},
@@ -402,3 +424,4 @@ def test_sigkill_mid_finetune_then_resume_matches_uninterrupted(pretrained, tmp_
     np.testing.assert_array_equal(x, y)  # the frozen base survives the kill untouched
   d0 = jax.tree.leaves(b["params"]["disc"]["conv_out"])
   assert all(np.any(np.asarray(x)) for x in d0), "D's zero head should have trained"
+  assert _data_state(straight, steps) == _data_state(killed, steps)

@@ -90,10 +90,6 @@ def lora_spec(config, unet: ModelSpec) -> lora_lib.LoraSpec:
   return lora_lib.LoraSpec("unet_lora", unet.abstract_params, unet.logical, config.ufogen.lora)
 
 
-def is_lora(config) -> bool:
-  return config.get("trainer") == "ufogen" and config.ufogen.finetune == "lora"
-
-
 def _check_config(config) -> None:
   u = config.ufogen
   if u.recon not in RECON_TERMS:
