@@ -267,17 +267,21 @@ class DiffusionObjective(loop.Objective):
         min_snr_gamma=float(self.config.diffusion.min_snr_gamma))
     return loss, dict(mse=jnp.mean(aux["mse"]))
 
+  def eval_unet_params(self, state):
+    """The UNet params evaluation samples with (EMA when kept)."""
+    params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
+    return params["unet"]
+
   def evaluate(self, state, *, step, workdir, writer, final):
     """50-step DDIM samples for the evaluation prompts, judged; grid PNG + JSON."""
     from md_jax.data import shapes  # pylint: disable=g-import-not-at-top
     from md_jax.evaluators import shapes_judge  # pylint: disable=g-import-not-at-top
     cfg = self.config
-    params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
     prompts_attrs = shapes.eval_prompts(int(cfg.sample.num_eval_samples), int(cfg.sample.eval_seed))
     prompts = [p for p, _ in prompts_attrs]
     held = [bool(a.get("held_out", False)) for _, a in prompts_attrs]
-    images = generate(self.ld, self.mesh, params["unet"], state["frozen"], prompts,
-                      seed=int(cfg.sample.eval_seed), image_size=int(cfg.data.image_size),
+    images = generate(self.ld, self.mesh, self.eval_unet_params(state), state["frozen"],
+                      prompts, seed=int(cfg.sample.eval_seed), image_size=int(cfg.data.image_size),
                       num_steps=int(cfg.sample.num_steps),
                       guidance_scale=float(cfg.sample.guidance_scale),
                       guidance_rescale=float(cfg.sample.guidance_rescale),

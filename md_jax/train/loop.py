@@ -49,11 +49,16 @@ class WorkdirError(RuntimeError):
 class Phase:
   """One update inside the train step: ``loss(params, frozen, batch, rng, step)`` differentiated
   with respect to ``groups`` (names of trainable modules), applied with each group's optimizer
-  when ``step % every == 0``."""
+  when ``step % every == 0``.
+
+  ``with_ema=True`` also passes ``ema=`` the EMA params as they stand at the start of the step
+  (``{group: params}`` for the objective's ``ema_groups``); they are not differentiated.
+  """
   name: str
   groups: tuple[str, ...]
   loss: Callable[..., Any]
   every: int = 1
+  with_ema: bool = False
 
 
 class Objective(abc.ABC):
@@ -341,7 +346,8 @@ class Trainer:
       rng = base_rng if len(self.phases) == 1 else jax.random.fold_in(base_rng, i)
 
       def loss_fn(sub, phase=phase, rng=rng):
-        return phase.loss({**params, **sub}, state["frozen"], batch, rng, step)
+        extra = {"ema": jax.lax.stop_gradient(state["ema_params"])} if phase.with_ema else {}
+        return phase.loss({**params, **sub}, state["frozen"], batch, rng, step, **extra)
 
       sub = {g: params[g] for g in phase.groups}
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
@@ -410,6 +416,9 @@ def _check_phases(phases, txs, ema_groups) -> None:
                        f"are {sorted(txs)}")
     if int(ph.every) < 1:
       raise ValueError(f"phase {ph.name!r}: every={ph.every} must be >= 1")
+    if ph.with_ema and not ema_groups:
+      raise ValueError(f"phase {ph.name!r} reads the EMA params, but none are kept: set "
+                       "config.ema_decay > 0")
     seen.update(ph.groups)
   if seen != set(txs):
     raise ValueError(f"trainable groups {sorted(set(txs) - seen)} are in no phase")
