@@ -14,9 +14,10 @@ import sys
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a diffusion run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a diffusion or UFOGen run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
+_STEPS = flags.DEFINE_integer("steps", None,
+                              "DDIM steps (default: 50; 1 for a UFOGen run, its one-step sampler).")
 _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: config's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; sample i uses fold_in(seed, i).")
 _NUM = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
@@ -48,10 +49,13 @@ def main(argv):
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  num_steps = _STEPS.value
+  if num_steps is None:
+    num_steps = int(config.sample.num_steps) if config.trainer == "ufogen" else 50
   expanded = [p for p in prompts for _ in range(_NUM.value)]
   cfg_scale = config.sample.guidance_scale if _CFG.value is None else _CFG.value
   images = diff.generate(ld, mesh, unet, frozen, expanded, seed=_SEED.value,
-                         image_size=int(config.data.image_size), num_steps=_STEPS.value,
+                         image_size=int(config.data.image_size), num_steps=num_steps,
                          guidance_scale=float(cfg_scale), batch_size=int(config.sample.batch_size))
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "cli")
   os.makedirs(out, exist_ok=True)
@@ -60,7 +64,7 @@ def main(argv):
     written.append(samples_lib.save_png(img, os.path.join(out, f"{i:04d}_{_slug(p)}.png")))
   grid = samples_lib.make_grid(images, columns=max(1, _NUM.value) if len(prompts) > 1 else 8)
   written.append(samples_lib.save_png(grid, os.path.join(out, "grid.png")))
-  print(json.dumps(dict(step=step, steps=_STEPS.value, cfg=cfg_scale, files=written)))
+  print(json.dumps(dict(step=step, steps=num_steps, cfg=cfg_scale, files=written)))
 
 
 if __name__ == "__main__":

@@ -121,6 +121,20 @@ def test_nan_stops_run_and_last_good_checkpoint_restores(tmp_path):
   result = loop.train_and_evaluate(config, workdir)
   assert result["step"] == 8
 
+  # Rerunning the finished run with the same config reports it (final.json) and leaves the
+  # final checkpoint alone; a changed config finalizes and writes it again.
+  final_ckpt = os.path.join(workdir, "checkpoints", "8")
+  with open(os.path.join(workdir, loop.FINAL_JSON)) as f:
+    assert json.load(f)["step"] == 8
+  stamp = os.stat(final_ckpt).st_ino, os.stat(final_ckpt).st_mtime_ns
+  again = loop.train_and_evaluate(config, workdir)
+  assert again["step"] == 8 and not again["preempted"]
+  assert (os.stat(final_ckpt).st_ino, os.stat(final_ckpt).st_mtime_ns) == stamp
+  with config.unlocked():
+    config.log_every = 3
+  loop.train_and_evaluate(config, workdir)
+  assert (os.stat(final_ckpt).st_ino, os.stat(final_ckpt).st_mtime_ns) != stamp
+
 
 def _main_args(workdir, steps, every, sleep=0.0):
   return ["--config=configs/shapes.py:vae,tiny", f"--workdir={workdir}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import set_keys, tiny_config
@@ -22,6 +23,9 @@ MICRO_UNET = {"unet.channels": (8, 16), "unet.down_blocks": (1, 1), "unet.up_blo
               "unet.down_conv": ("full", "sep"), "unet.up_conv": ("full", "sep"),
               "unet.down_depth": (0, 1), "unet.up_depth": (0, 1), "unet.self_attn": (False, True),
               "unet.time_embed_dim": 16}
+
+
+LORA_CELL = "diffusion,lora,tiny"
 
 
 def _ufogen_config(arg: str, init_from: str, **overrides):
@@ -54,40 +58,67 @@ def _host(tree):
   return jax.tree.map(lambda a: np.array(jax.device_get(a)), tree)
 
 
-@pytest.fixture(scope="module")
-def trained(pretrained, tmp_path_factory):
-  """Two GAN steps of the distill variant (it also holds the frozen teacher): the step compiles once."""
-  config = _ufogen_config("distill,tiny", pretrained)
-  trainer = loop.Trainer(config, str(tmp_path_factory.mktemp("ufogen")))
+def _train(arg, pretrained, workdir, steps=2, **overrides):
+  """``steps`` GAN steps of one variant on one batch (the step compiles once); host copies of
+  the state before and after each step."""
+  config = _ufogen_config(arg, pretrained, **overrides)
+  trainer = loop.Trainer(config, workdir)
   state = trainer.init_state()
-  before = _host({k: state[k] for k in ("params", "ema_params", "frozen")})
+  keep = ("params", "ema_params", "frozen")
+  before = _host({k: state[k] for k in keep})
   it = trainer.objective.data_iterator(0, 1)
   batch = shd.global_batch_from_local(trainer.objective.host_batch(next(it)), trainer.mesh)
   step_fn = trainer.compile_step({k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                                   for k, v in batch.items()})
-  history = []
-  for _ in range(2):
+  history, after = [], []
+  for _ in range(steps):
     state, metrics = step_fn(state, batch)
     history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-  return dict(trainer=trainer, state=state, before=before, history=history, batch=batch)
+    after.append(_host({k: state[k] for k in keep}))
+  return dict(trainer=trainer, state=state, before=before, after=after, history=history,
+              batch=batch)
 
 
-def test_configs_cover_table5_and_reject_unimplemented(pretrained):
+@pytest.fixture(scope="module")
+def trained(pretrained, tmp_path_factory):
+  """The distill variant (it also holds the frozen teacher)."""
+  return _train("distill,tiny", pretrained, str(tmp_path_factory.mktemp("ufogen")))
+
+
+@pytest.fixture(scope="module")
+def ema_trained(pretrained, tmp_path_factory):
+  """The EMA-distillation variant with the encoder-only discriminator."""
+  return _train("ema,tiny", pretrained, str(tmp_path_factory.mktemp("ufogen_ema")),
+                **{"ufogen.disc.encoder_only": True})
+
+
+def test_configs_cover_table5_and_reject_bad_settings(pretrained, tmp_path):
+  default = config_loading.load_config("configs/ufogen.py")
+  assert (default.ufogen.recon, default.ufogen.finetune) == ("diffusion", "full")
+  mesh = shd.make_mesh((1, 1, 1), default.mesh_axes, devices=jax.devices()[:1])
   for recon in ufogen.RECON_TERMS:
     for finetune in ufogen.FINETUNE_KINDS:
       c = config_loading.load_config(f"configs/ufogen.py:{recon},{finetune},tiny")
       assert (c.trainer, c.ufogen.recon, c.ufogen.finetune) == ("ufogen", recon, finetune)
-  default = config_loading.load_config("configs/ufogen.py")
-  assert (default.ufogen.recon, default.ufogen.finetune) == ("diffusion", "full")
+      # Each cell builds its sharded state layout: G's group, D, EMA and what is frozen.
+      trainer = loop.Trainer(_ufogen_config(f"{recon},{finetune},tiny", pretrained),
+                             str(tmp_path / f"{recon}_{finetune}"), mesh=mesh)
+      g = "unet_lora" if finetune == "lora" else "unet"
+      assert set(trainer.abstract_state["params"]) == {g, "disc"}
+      assert set(trainer.abstract_state["ema_params"]) == {g}
+      frozen = set(trainer.abstract_state["frozen"])
+      assert ("unet" in frozen) == (finetune == "lora")
+      assert ("teacher" in frozen) == (recon == "distill" and finetune == "full")
+      assert [p.with_ema for p in trainer.phases] == [False, recon == "ema"]
   with pytest.raises(ValueError, match="bogus"):
     config_loading.load_config("configs/ufogen.py:bogus")
-  mesh = shd.make_mesh((1, 1, 1), default.mesh_axes, devices=jax.devices()[:1])
-  with pytest.raises(NotImplementedError, match="ufogen.finetune='lora'"):
-    ufogen.UFOGenObjective(_ufogen_config("lora,tiny", pretrained), mesh)
-  with pytest.raises(NotImplementedError, match="ufogen.recon='ema'"):
-    ufogen.UFOGenObjective(_ufogen_config("ema,tiny", pretrained), mesh)
   with pytest.raises(ValueError, match="init_from"):
     ufogen.UFOGenObjective(_ufogen_config("tiny", ""), mesh)
+  with pytest.raises(ValueError, match="config.ema_decay"):
+    ufogen.UFOGenObjective(_ufogen_config("ema,tiny", pretrained, ema_decay=0.0), mesh)
+  with pytest.raises(ValueError, match="config.ufogen.lora.targets"):
+    ufogen.UFOGenObjective(_ufogen_config("lora,tiny", pretrained,
+                                          **{"ufogen.lora.targets": ("no_such_layer",)}), mesh)
 
 
 def test_generator_and_discriminator_start_from_the_pretrained_unet(trained, pretrained):
@@ -160,3 +191,237 @@ def test_one_step_sampler_runs_on_the_generator(trained):
   v = jax.jit(lambda p, x, c: ld.unet_apply(p)(x, jnp.full((2,), 999.0), c))(
       state["params"]["unet"], noise, ctx)
   np.testing.assert_allclose(np.asarray(z), -np.asarray(v), atol=1e-5)
+
+
+# -- the EMA reconstruction term ---------------------------------------------------------------
+
+
+def test_ema_term_regresses_g_onto_its_ema(ema_trained):
+  tr = ema_trained
+  obj, hist = tr["trainer"].objective, tr["history"]
+  # G's EMA starts as G: the term is exactly 0 at step 0 and positive once G moved ahead of it.
+  assert hist[0]["recon"] == 0.0 and hist[1]["recon"] > 0.0
+  s1 = tr["after"][0]  # what step 1 read: G and its EMA after step 0
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(s1["params"]["unet"]), jax.tree.leaves(s1["ema_params"]["unet"])))
+  step = jnp.int32(1)
+
+  @jax.jit
+  def probe(params, ema, frozen, batch):
+    d = obj._draws(params, frozen, batch, step)  # pylint: disable=protected-access
+    target = obj.generate_x0(ema["unet"], d["x_t"], d["t"], d["context"])
+    gamma = ufogen.recon_weight(obj.ld.schedule, d["t"], obj.u.recon_weighting,
+                                float(obj.u.min_snr_gamma))
+    expected = jnp.mean(gamma * jnp.mean(jnp.square(target - d["x0_fake"]), axis=(1, 2, 3)))
+
+    def recon(g, e):
+      return obj.loss({**params, "unet": g}, frozen, batch, None, step, ema={"unet": e})[1]["recon"]
+
+    got, (grad_g, grad_ema) = jax.value_and_grad(recon, argnums=(0, 1))(params["unet"],
+                                                                         ema["unet"])
+    against_fast = recon(params["unet"], params["unet"])
+    return expected, got, optax.global_norm(grad_g), optax.global_norm(grad_ema), against_fast
+
+  expected, got, grad_g, grad_ema, against_fast = jax.device_get(
+      probe(s1["params"], s1["ema_params"], s1["frozen"], tr["batch"]))
+  # The target is the EMA generator's x0 prediction on the step's x_t, and the loop passed the
+  # EMA as it stood at the start of step 1.
+  assert got == pytest.approx(expected, rel=1e-5)
+  assert got == pytest.approx(hist[1]["recon"], rel=1e-4)
+  assert against_fast == 0.0  # with the fast weights as "EMA" there is nothing to regress onto
+  assert grad_g > 0.0 and grad_ema == 0.0  # the gradient reaches G only
+
+
+# -- the encoder-only discriminator ------------------------------------------------------------
+
+
+def test_encoder_only_discriminator(ema_trained, pretrained):
+  tr = ema_trained
+  d0, d1 = tr["before"]["params"]["disc"], tr["after"][-1]["params"]["disc"]
+  g0 = tr["before"]["params"]["unet"]
+  assert "up_levels" not in d0 and {"middle", "norm_head", "conv_out"} <= set(d0)
+  # The head is zero at initialisation (D undecided: logits exactly 0) and learns.
+  assert not np.any(d0["conv_out"]["kernel"]) and not np.any(d0["conv_out"]["bias"])
+  assert tr["history"][0]["d/real_logit"] == 0.0 and tr["history"][0]["d/fake_logit"] == 0.0
+  assert np.any(d1["conv_out"]["kernel"])
+  # The body comes from the pretrained UNet: down path as G's, middle = G's innermost up stack.
+  inner = str(len(g0["up_levels"]) - 1)
+  for a, b in zip(jax.tree.leaves(d0["down_levels"]), jax.tree.leaves(g0["down_levels"])):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(d0["middle"]["convs"]),
+                  jax.tree.leaves(g0["up_levels"][inner]["convs"])):
+    np.testing.assert_array_equal(a, b)
+  full_d = ufogen.disc_spec(_ufogen_config("tiny", pretrained)).num_params
+  encoder_d = sum(int(x.size) for x in jax.tree.leaves(d0))
+  assert encoder_d < full_d
+
+
+# -- LoRA on the generator ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(pretrained, tmp_path_factory):
+  """Three steps of diffusion-loss LoRA finetuning through the loop, checkpointed (also the
+  uninterrupted run the SIGKILL test resumes towards)."""
+  workdir = str(tmp_path_factory.mktemp("ufogen_lora"))
+  config = _ufogen_config(LORA_CELL, pretrained, num_train_steps=3, eval_at_end=False,
+                          **{"checkpoint.async_save": False})
+  loop.train_and_evaluate(config, workdir)
+  return dict(config=config, workdir=workdir)
+
+
+def _pretrained_unet(objective, pretrained):
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  got, _ = ckpt_lib.restore_subset(
+      pretrained, {"ema_params": {"unet": objective.ld.unet.abstract_params}})
+  return _host(got["ema_params"]["unet"])
+
+
+def test_lora_trains_only_factors_and_merges_to_a_plain_unet(lora_run, pretrained):
+  from md_jax import sample  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  config, workdir = lora_run["config"], lora_run["workdir"]
+  mesh = shd.make_mesh((1, 1, 1), config.mesh_axes, devices=jax.devices()[:1])
+  obj = ufogen.UFOGenObjective(config, mesh)
+  lora = obj.lora
+  base = _pretrained_unet(obj, pretrained)
+
+  # The checkpoint holds the factors (params, EMA, optimizer) and D; the base UNet is frozen.
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  saved = ckpt.saved_state_shapes(3)
+  ckpt.close()
+  assert set(saved["params"]) == set(saved["opt_state"]) == {"unet_lora", "disc"}
+  assert set(saved["ema_params"]) == {"unet_lora"}
+  assert "unet" in saved["frozen"] and "teacher" not in saved["frozen"]
+  got, _ = ckpt_lib.restore_subset(workdir, {
+      "params": {"unet_lora": lora.abstract_params},
+      "ema_params": {"unet_lora": lora.abstract_params},
+      "frozen": {"unet": obj.ld.unet.abstract_params}})
+  got = _host(got)
+  factors, ema_factors = got["params"]["unet_lora"], got["ema_params"]["unet_lora"]
+  assert lora.num_params < obj.ld.unet.num_params / 2  # rank 4 on a UNet 8-16 channels wide
+  # The base stays bit-equal to the pretrained UNet while the factors trained.
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(got["frozen"]["unet"])):
+    np.testing.assert_array_equal(a, b)
+  b_factors = [np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(factors)[0]
+               if p[-1].key == "b"]
+  assert b_factors and all(np.any(x) for x in b_factors)
+
+  # Zero-effect initialisation: merged fresh factors are exactly the base.
+  merged0 = _host(lora.merge(base, lora.init()))
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(merged0)):
+    np.testing.assert_array_equal(a, b)
+  # After training G's output moved; unmerge gives the base back.
+  merged = lora.merge(base, factors)
+  back = _host(lora.unmerge(merged, factors))
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(back)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  ids = jnp.asarray(obj.ld.tokenize(["a red circle", "a blue square"]))
+  x = jax.random.normal(jax.random.key(1), (2,) + obj.ld.latent_shape(32), jnp.float32)
+  forward = jax.jit(lambda p, fz: obj.ld.unet_apply(p)(x, jnp.full((2,), 500.0),
+                                                       obj.ld.encode_text(fz, ids)))
+  _, _, _, sampled, frozen, step = sample.load_for_sampling(workdir)
+  assert step == 3 and "unet" not in frozen
+  out_base = np.asarray(forward(base, frozen))
+  np.testing.assert_array_equal(out_base, np.asarray(forward(merged0, frozen)))
+  assert not np.allclose(out_base, np.asarray(forward(merged, frozen)), atol=1e-6)
+  # Sampling (and the TFLite export, which loads through it) gets the plain merged EMA UNet.
+  for a, b in zip(jax.tree.leaves(_host(lora.merge(base, ema_factors))),
+                  jax.tree.leaves(_host(sampled))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", ["diffusion,full,tiny", "distill,lora,tiny"])
+def test_remaining_table5_cells_run_a_step(arg, pretrained, tmp_path):
+  """The paper's pick and distill + LoRA; the other four Table-5 cells run in the other tests
+  of this file (distill,full: `trained`; ema,full: `ema_trained`; diffusion,lora: `lora_run`;
+  ema,lora: the 8-device test)."""
+  tr = _train(arg, pretrained, str(tmp_path), steps=1)
+  h, before, after = tr["history"][0], tr["before"]["params"], tr["after"][0]["params"]
+  assert h["finite"] == 1.0
+  if arg.startswith("distill"):
+    assert h["recon"] == 0.0  # G starts as the teacher (under LoRA: the frozen base)
+  else:
+    assert h["recon"] > 0.0  # x0' of the 2-step base is far from x0
+  for group in before:
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[group]),
+                                                        jax.tree.leaves(after[group]))), group
+
+
+# -- sharding and resume -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gan_step_same_on_one_and_eight_devices(pretrained, tmp_path):
+  from test_distributed import _mesh_step  # pylint: disable=g-import-not-at-top
+  r = _mesh_step("ufogen:ema,lora,tiny", tmp_path, pretrained)
+  assert r["groups"] == ["disc", "unet_lora"]
+  assert r["fsdp_sharded_params"] > 0, "the 8-device run should really shard params over fsdp"
+  for name, loss in r["losses1"].items():  # D's loss and G's
+    assert abs(loss - r["losses8"][name]) <= 1e-5 * max(1.0, abs(loss)), name
+  assert r["max_param_diff"] <= 1e-5 * max(1.0, r["param_scale"])
+
+
+def _cli_args(pretrained, workdir, steps, sleep=0.0):
+  """md_jax.main flags for the `lora_run` settings (configs/ufogen.py:LORA_CELL)."""
+  values = {"init_from": pretrained, "data.image_size": 32, "optim.warmup_steps": 0,
+            "optim.schedule": "constant", "optim.learning_rate": 1e-3,
+            "ufogen.disc.learning_rate": 1e-3, "num_train_steps": steps, "checkpoint.every": 1,
+            "eval_at_end": False, "progress_bar": False, "debug.step_sleep_s": sleep,
+            **MICRO_UNET}
+  return [f"--config=configs/ufogen.py:{LORA_CELL}", f"--workdir={workdir}"] + [
+      f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+      for k, v in values.items()]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_finetune_then_resume_matches_uninterrupted(lora_run, pretrained, tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from conftest import REPO, cli_env, run_module  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from test_train_loop import _data_state  # pylint: disable=g-import-not-at-top
+  steps = 3
+  straight, killed = lora_run["workdir"], str(tmp_path / "killed")  # straight: in this process
+
+  proc = subprocess.Popen([sys.executable, "-m", "md_jax.main",
+                           *_cli_args(pretrained, killed, steps, sleep=2.0)],
+                          cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  try:
+    while time.time() < deadline:
+      if ckpt_lib.latest_step_in(killed) in (1, 2):
+        break
+      if proc.poll() is not None:
+        pytest.fail("run ended before it could be killed")
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up, as a crash or OOM kill
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  interrupted_at = ckpt_lib.latest_step_in(killed)
+  assert interrupted_at is not None and interrupted_at < steps
+  run_module("md_jax.main", *_cli_args(pretrained, killed, steps), check=True)
+
+  config = _ufogen_config(LORA_CELL, pretrained)
+  mesh = shd.make_mesh((1, 1, 1), config.mesh_axes, devices=jax.devices()[:1])
+  obj = ufogen.UFOGenObjective(config, mesh)
+  want = {"params": {"unet_lora": obj.lora.abstract_params, "disc": obj.disc.abstract_params},
+          "ema_params": {"unet_lora": obj.lora.abstract_params},
+          "frozen": {"unet": obj.ld.unet.abstract_params}}
+  a, step_a = ckpt_lib.restore_subset(straight, want)
+  b, step_b = ckpt_lib.restore_subset(killed, want)
+  assert step_a == step_b == steps
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # G's factors and EMA, D, base G
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  for x, y in zip(jax.tree.leaves(_pretrained_unet(obj, pretrained)),
+                  jax.tree.leaves(b["frozen"]["unet"])):
+    np.testing.assert_array_equal(x, y)  # the frozen base survives the kill untouched
+  d0 = jax.tree.leaves(b["params"]["disc"]["conv_out"])
+  assert all(np.any(np.asarray(x)) for x in d0), "D's zero head should have trained"
+  assert _data_state(straight, steps) == _data_state(killed, steps)

@@ -9,6 +9,7 @@ process count, which makes runs comparable (and resumable) across topologies.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any, Sequence
@@ -30,11 +31,19 @@ def default_tokenizer_path() -> str:
 
 
 def load_tokenizer(path: str | None = None):
-  """A transformers CLIPTokenizer, offline; None loads the packaged one."""
+  """A transformers CLIPTokenizer, offline; None loads the packaged one.
+
+  Loaded once per directory and process (every data iterator and trainer asks for it; the
+  tokenizer is read-only once built).
+  """
+  return _load_tokenizer(os.path.abspath(path or default_tokenizer_path()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str):
   from transformers import CLIPTokenizer  # heavy import, only when needed
 
-  return CLIPTokenizer.from_pretrained(path or default_tokenizer_path(),
-                                       local_files_only=True)
+  return CLIPTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def tokenize(tokenizer, captions: str | Sequence[str], max_length: int) -> np.ndarray:

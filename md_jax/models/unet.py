@@ -180,6 +180,46 @@ class UNetLevel(nnx.Module):
 class UNet(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    n, ch = _levels(cfg), tuple(cfg.channels)
+    skip_channels, cur = self._build_down(cfg, **kw)
+    up = [None] * n
+    for l in reversed(range(n)):
+      up[l], cur = self._build_up_level(cfg, l, cur, skip_channels, **kw)
+    assert not skip_channels
+    # Indexed by level (up_levels[0] is the outermost), run from the innermost outwards.
+    self.up_levels = nnx.List(up)
+
+    self.norm_out = GroupNorm(ch[0], num_groups=cfg.norm_groups, **kw)
+    self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, kernel_init=zeros_init, **kw)
+
+  def _transformer(self, cfg, l: int, depth: int, **kw):
+    ch = tuple(cfg.channels)
+    return SpatialTransformer(
+        ch[l], depth=depth, context_dim=cfg.context_dim, head_dim=_head_dim(cfg, ch[l]),
+        self_attn=bool(cfg.self_attn[l]), shared_kv=cfg.shared_kv, attention=cfg.attention,
+        ff_mult=cfg.ff_mult, ff_activation=cfg.ff_activation, norm_groups=cfg.norm_groups,
+        remat=self.remat, **kw)
+
+  def _block_kw(self, cfg, **kw):
+    return dict(temb_dim=cfg.time_embed_dim, norm_groups=cfg.norm_groups,
+                sep_expansion=cfg.sep_expansion, **kw)
+
+  def _build_up_level(self, cfg, l: int, cur: int, skip_channels: list, resample: bool = True,
+                      **kw):
+    """Up level ``l`` (popping its skips' widths); returns (level, its output width)."""
+    ch = tuple(cfg.channels)
+    convs, trans = [], []
+    for _ in range(cfg.up_blocks[l]):
+      in_ch = cur + (skip_channels.pop() if self.level_skips[l] else 0)
+      convs.append(make_conv_block(cfg.up_conv[l], in_ch, ch[l], **self._block_kw(cfg, **kw)))
+      cur = ch[l]
+      if cfg.up_depth[l] > 0:
+        trans.append(self._transformer(cfg, l, cfg.up_depth[l], **kw))
+    return UNetLevel(convs, trans, Upsample(cur, **kw) if l > 0 and resample else None), cur
+
+  def _build_down(self, cfg, *, rngs, dtype, param_dtype):
+    """Time MLP, conv_in and the down levels; returns (skip widths, output width)."""
     n = _levels(cfg)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     ch = tuple(cfg.channels)
@@ -194,15 +234,7 @@ class UNet(nnx.Module):
     self.time_embed_2 = Dense(ted, ted, kernel_axes=(MLP, EMBED), **kw)
     self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, **kw)
 
-    block_kw = dict(temb_dim=ted, norm_groups=cfg.norm_groups, sep_expansion=cfg.sep_expansion,
-                    **kw)
-
-    def transformer(l: int, depth: int):
-      return SpatialTransformer(
-          ch[l], depth=depth, context_dim=cfg.context_dim, head_dim=_head_dim(cfg, ch[l]),
-          self_attn=bool(cfg.self_attn[l]), shared_kv=cfg.shared_kv, attention=cfg.attention,
-          ff_mult=cfg.ff_mult, ff_activation=cfg.ff_activation, norm_groups=cfg.norm_groups,
-          remat=self.remat, **kw)
+    block_kw = self._block_kw(cfg, **kw)
 
     # Which levels push and pop skips (all but a unified innermost level).
     self.level_skips = tuple(l < n - 1 or _inner_skips(cfg) for l in range(n))
@@ -217,29 +249,13 @@ class UNet(nnx.Module):
         convs.append(make_conv_block(cfg.down_conv[l], cur, ch[l], **block_kw))
         cur = ch[l]
         if cfg.down_depth[l] > 0:
-          trans.append(transformer(l, cfg.down_depth[l]))
+          trans.append(self._transformer(cfg, l, cfg.down_depth[l], **kw))
         if self.level_skips[l]:
           skip_channels.append(cur)
       resample = Downsample(cur, **kw) if l < n - 1 else None
       down.append(UNetLevel(convs, trans, resample))
     self.down_levels = nnx.List(down)
-
-    up = [None] * n
-    for l in reversed(range(n)):
-      convs, trans = [], []
-      for _ in range(cfg.up_blocks[l]):
-        in_ch = cur + (skip_channels.pop() if self.level_skips[l] else 0)
-        convs.append(make_conv_block(cfg.up_conv[l], in_ch, ch[l], **block_kw))
-        cur = ch[l]
-        if cfg.up_depth[l] > 0:
-          trans.append(transformer(l, cfg.up_depth[l]))
-      up[l] = UNetLevel(convs, trans, Upsample(cur, **kw) if l > 0 else None)
-    assert not skip_channels
-    # Indexed by level (up_levels[0] is the outermost), run from the innermost outwards.
-    self.up_levels = nnx.List(up)
-
-    self.norm_out = GroupNorm(ch[0], num_groups=cfg.norm_groups, **kw)
-    self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, kernel_init=zeros_init, **kw)
+    return skip_channels, cur
 
   def time_embedding(self, t: Array) -> Array:
     emb = timestep_embedding(t, self.time_freq_dim).astype(self.dtype)
@@ -251,7 +267,8 @@ class UNet(nnx.Module):
       h = level.transformers[i](h, context)
     return h
 
-  def __call__(self, x: Array, t: Array, context: Array) -> Array:
+  def _down(self, x: Array, t: Array, context: Array):
+    """The down path: (innermost features, skips, time embedding, context in compute dtype)."""
     factor = 2 ** (self.num_levels - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f"spatial size {x.shape[1:3]} not divisible by {factor}")
@@ -270,7 +287,10 @@ class UNet(nnx.Module):
           skips.append(h)
       if level.resample is not None:
         h = level.resample(h)
+    return h, skips, temb, context
 
+  def __call__(self, x: Array, t: Array, context: Array) -> Array:
+    h, skips, temb, context = self._down(x, t, context)
     for l in reversed(range(self.num_levels)):
       level = self.up_levels[l]
       for i in range(len(level.convs)):
@@ -281,4 +301,34 @@ class UNet(nnx.Module):
         h = level.resample(h)
 
     h = self.conv_out(swish(self.norm_out(h)))
+    return h.astype(jnp.float32)
+
+
+class UNetEncoder(UNet):
+  """The UNet's down path and innermost (middle) stack with a per-location logit head.
+
+  The encoder-only discriminator (DESIGN 3): time MLP, conv_in and down levels are the UNet's
+  (same names, so they load from a pretrained UNet), ``middle`` is the UNet's innermost up stack
+  (``up_levels[levels-1]``; the rest of the unified middle module of paper 3.4), and the head is
+  GroupNorm -> swish -> a zero-initialised 3x3 conv to ``out_channels`` at the innermost
+  resolution. Returns (B, H/2**(levels-1), W/2**(levels-1), out_channels) in float32.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    n, ch = _levels(cfg), tuple(cfg.channels)
+    skip_channels, cur = self._build_down(cfg, **kw)
+    # No upsampler: the features stay at the innermost resolution.
+    self.middle, cur = self._build_up_level(cfg, n - 1, cur, skip_channels, resample=False, **kw)
+    self.norm_head = GroupNorm(cur, num_groups=cfg.norm_groups, **kw)
+    self.conv_out = Conv2d(cur, cfg.out_channels, 3, kernel_init=zeros_init, **kw)
+
+  def __call__(self, x: Array, t: Array, context: Array) -> Array:
+    h, skips, temb, context = self._down(x, t, context)
+    n = self.num_levels
+    for i in range(len(self.middle.convs)):
+      if self.level_skips[n - 1]:
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+      h = self._stage(self.middle, i, h, temb, context)
+    h = self.conv_out(swish(self.norm_head(h)))
     return h.astype(jnp.float32)

@@ -221,6 +221,20 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
   unet_abs = jax.tree.map(place, ld.unet.abstract_params, unet_sh)
   frozen_abs = jax.tree.map(place, frozen_abs, frozen_sh)
   which = "ema_params" if use_ema and config.ema_decay else "params"
+  if config.trainer == "ufogen" and config.ufogen.finetune == "lora":
+    # A LoRA finetune keeps the base UNet frozen and trains factors: sample with them merged,
+    # so everything downstream (sampling, evaluation, TFLite export) sees a plain UNet.
+    from md_jax.train import ufogen  # pylint: disable=g-import-not-at-top
+    lora = ufogen.lora_spec(config, ld.unet)
+    lora_sh = shd.tree_shardings(lora.abstract_params, lora.logical, rules, mesh)
+    lora_abs = jax.tree.map(place, lora.abstract_params, lora_sh)
+    got, step = ckpt_lib.restore_subset(
+        workdir, {which: {"unet_lora": lora_abs}, "frozen": dict(frozen_abs, unet=unet_abs)},
+        step)
+    frozen = dict(got["frozen"])
+    unet = jax.jit(lora.merge, out_shardings=unet_sh)(frozen.pop("unet"), got[which]["unet_lora"])
+    ld.restored_params = which
+    return config, ld, mesh, unet, frozen, step
   try:
     got, step = ckpt_lib.restore_subset(workdir, {which: {"unet": unet_abs}, "frozen": frozen_abs},
                                         step)
@@ -330,17 +344,21 @@ class DiffusionObjective(loop.Objective):
         min_snr_gamma=float(self.config.diffusion.min_snr_gamma))
     return loss, dict(mse=jnp.mean(aux["mse"]))
 
+  def eval_unet_params(self, state):
+    """The UNet params evaluation samples with (EMA when kept)."""
+    params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
+    return params["unet"]
+
   def evaluate(self, state, *, step, workdir, writer, final):
     """50-step DDIM samples for the evaluation prompts, judged; grid PNG + JSON."""
     from md_jax.data import shapes  # pylint: disable=g-import-not-at-top
     from md_jax.evaluators import shapes_judge  # pylint: disable=g-import-not-at-top
     cfg = self.config
-    params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
     prompts_attrs = shapes.eval_prompts(int(cfg.sample.num_eval_samples), int(cfg.sample.eval_seed))
     prompts = [p for p, _ in prompts_attrs]
     held = [bool(a.get("held_out", False)) for _, a in prompts_attrs]
-    images = generate(self.ld, self.mesh, params["unet"], state["frozen"], prompts,
-                      seed=int(cfg.sample.eval_seed), image_size=int(cfg.data.image_size),
+    images = generate(self.ld, self.mesh, self.eval_unet_params(state), state["frozen"],
+                      prompts, seed=int(cfg.sample.eval_seed), image_size=int(cfg.data.image_size),
                       num_steps=int(cfg.sample.num_steps),
                       guidance_scale=float(cfg.sample.guidance_scale),
                       guidance_rescale=float(cfg.sample.guidance_rescale),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -48,11 +49,16 @@ class WorkdirError(RuntimeError):
 class Phase:
   """One update inside the train step: ``loss(params, frozen, batch, rng, step)`` differentiated
   with respect to ``groups`` (names of trainable modules), applied with each group's optimizer
-  when ``step % every == 0``."""
+  when ``step % every == 0``.
+
+  ``with_ema=True`` also passes ``ema=`` the EMA params as they stand at the start of the step
+  (``{group: params}`` for the objective's ``ema_groups``); they are not differentiated.
+  """
   name: str
   groups: tuple[str, ...]
   loss: Callable[..., Any]
   every: int = 1
+  with_ema: bool = False
 
 
 class Objective(abc.ABC):
@@ -340,7 +346,8 @@ class Trainer:
       rng = base_rng if len(self.phases) == 1 else jax.random.fold_in(base_rng, i)
 
       def loss_fn(sub, phase=phase, rng=rng):
-        return phase.loss({**params, **sub}, state["frozen"], batch, rng, step)
+        extra = {"ema": jax.lax.stop_gradient(state["ema_params"])} if phase.with_ema else {}
+        return phase.loss({**params, **sub}, state["frozen"], batch, rng, step, **extra)
 
       sub = {g: params[g] for g in phase.groups}
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
@@ -409,6 +416,9 @@ def _check_phases(phases, txs, ema_groups) -> None:
                        f"are {sorted(txs)}")
     if int(ph.every) < 1:
       raise ValueError(f"phase {ph.name!r}: every={ph.every} must be >= 1")
+    if ph.with_ema and not ema_groups:
+      raise ValueError(f"phase {ph.name!r} reads the EMA params, but none are kept: set "
+                       "config.ema_decay > 0")
     seen.update(ph.groups)
   if seen != set(txs):
     raise ValueError(f"trainable groups {sorted(set(txs) - seen)} are in no phase")
@@ -442,9 +452,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_lead = jax.process_index() == 0
   checkpointer = ckpt_lib.Checkpointer(
       workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
-  data_iter = obj.data_iterator(jax.process_index(), jax.process_count())
-
   latest = checkpointer.latest_step()
+  total = int(config.num_train_steps)
+  config_json = _config_json(config)
+  done = _read_final(workdir)
+  if (latest is not None and latest == total and done is not None
+      and done.get("step") == total
+      and done.get("config") == json.loads(json.dumps(config_json, default=str))):
+    # Finished, finalized and evaluated with this very config: a rerun (e.g. of the quickstart)
+    # reports instead of redoing; any config change (steps, evaluation settings) redoes it.
+    logging.info("%s already finished at step %d; see %s (md_jax.evaluate evaluates again)",
+                 workdir, total, os.path.join(workdir, FINAL_JSON))
+    checkpointer.close()
+    return dict(step=total, metrics=done.get("metrics", {}), eval=done.get("eval", {}),
+                preempted=False, workdir=workdir)
+  data_iter = obj.data_iterator(jax.process_index(), jax.process_count())
   if latest is not None:
     logging.info("resuming from %s step %d", workdir, latest)
     state = checkpointer.restore(latest, trainer.abstract_state_sharded, data_iter)
@@ -452,7 +474,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = trainer.init_state()
   step = int(jax.device_get(state["step"]))
-  total = int(config.num_train_steps)
   writer = _make_writer(workdir)
   if latest is None and is_lead:
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
@@ -461,7 +482,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   preempt = _Preemption()
   preempt.install()
-  config_json = _config_json(config)
   last_metrics: dict[str, float] = {}
   eval_results: dict[str, Any] = {}
   preempted = False
@@ -530,6 +550,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer.wait()
       if config.eval_at_end:
         eval_results = obj.evaluate(state, step=step, workdir=workdir, writer=writer, final=True)
+      if is_lead:
+        _write_final(workdir, dict(step=step, config=config_json, metrics=last_metrics,
+                                   eval=eval_results))
   finally:
     if progress is not None:
       progress.close()
@@ -538,6 +561,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.flush()
   return dict(step=step, metrics=last_metrics, eval=eval_results, preempted=preempted,
               workdir=workdir)
+
+
+FINAL_JSON = "final.json"
+
+
+def _read_final(workdir: str) -> dict | None:
+  """The record a finished run leaves (step, last metrics, evaluation), or None."""
+  try:
+    with open(os.path.join(workdir, FINAL_JSON)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_final(workdir: str, record: dict) -> None:
+  path = os.path.join(workdir, FINAL_JSON)
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1, default=str)
+  os.replace(path + ".tmp", path)  # never a half-written record
 
 
 def _flat_config(config, prefix="") -> dict:

@@ -15,7 +15,15 @@ x0' = G(x_t, t), x_{t-1} ~ q(x_{t-1}|x0), x'_{t-1} ~ q(x_{t-1}|x0') and D sees t
 
 The frozen text encoder, VAE and latent statistics are read from the pretrained run's
 checkpoint, so a finetune needs nothing but ``init_from``. The ``distill`` reconstruction term
-also keeps the pretrained UNet as a frozen teacher.
+also keeps the pretrained UNet as a frozen teacher; the ``ema`` term regresses onto G's EMA as it
+stands at the start of the step (the loop passes it to G's phase).
+
+``finetune='lora'``: the trainable G group is ``unet_lora``, low-rank factors on the kernels
+``config.ufogen.lora.targets`` names (models/lora.py), and the pretrained UNet is kept as
+``frozen['unet']`` (also the ``distill`` teacher then). G = the base with the factors merged;
+sampling and export read that merged, plain UNet (``sample.load_for_sampling``).
+``disc.encoder_only``: D is the UNet's down path and middle stack with a zero-initialised logit
+head at the innermost resolution (models/unet.UNetEncoder).
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from md_jax.diffusion import schedule as sch
+from md_jax.models import lora as lora_lib
 from md_jax.models import unet as unet_lib
 from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import diffusion as diff_obj
 from md_jax.train import loop
+from md_jax.train import sharding as shd
 from md_jax.train.state import ModelSpec
 
 RECON_TERMS = ("diffusion", "distill", "ema")
@@ -55,7 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
           b1=0.0,
           b2=0.99,
           every=1,  # D updates at steps where step % every == 0
+          # True: D is the UNet's down path + middle stack with a logit head at the innermost
+          # resolution (models/unet.UNetEncoder); False: the whole UNet (paper 4.1).
+          encoder_only=False,
       )),
+      lora=lora_lib.default_config(),  # used when finetune='lora'
   ))
 
 
@@ -67,22 +81,24 @@ def disc_unet_config(config) -> ml_collections.ConfigDict:
 
 def disc_spec(config) -> ModelSpec:
   cfg = disc_unet_config(config)
-  return ModelSpec("disc", lambda rngs: unet_lib.UNet(cfg, rngs=rngs,
-                                                       dtype=jnp.dtype(config.compute_dtype)))
+  cls = unet_lib.UNetEncoder if bool(config.ufogen.disc.encoder_only) else unet_lib.UNet
+  return ModelSpec("disc", lambda rngs: cls(cfg, rngs=rngs, dtype=jnp.dtype(config.compute_dtype)))
 
 
-def _check_config(u) -> None:
+def lora_spec(config, unet: ModelSpec) -> lora_lib.LoraSpec:
+  """The generator's LoRA factors (the trainable group ``unet_lora`` of a LoRA finetune)."""
+  return lora_lib.LoraSpec("unet_lora", unet.abstract_params, unet.logical, config.ufogen.lora)
+
+
+def _check_config(config) -> None:
+  u = config.ufogen
   if u.recon not in RECON_TERMS:
     raise ValueError(f"config.ufogen.recon={u.recon!r}: expected one of {RECON_TERMS}")
   if u.finetune not in FINETUNE_KINDS:
     raise ValueError(f"config.ufogen.finetune={u.finetune!r}: expected one of {FINETUNE_KINDS}")
-  if u.finetune == "lora":
-    raise NotImplementedError(
-        "config.ufogen.finetune='lora' is not implemented yet; use config.ufogen.finetune='full'")
-  if u.recon == "ema":
-    raise NotImplementedError(
-        "config.ufogen.recon='ema' (distillation against the generator's EMA) is not implemented "
-        "yet: the loss cannot read the EMA params; use 'diffusion' or 'distill'")
+  if u.recon == "ema" and not config.ema_decay:
+    raise ValueError("config.ufogen.recon='ema' regresses onto the generator's EMA, but "
+                     "config.ema_decay=0 keeps none: set config.ema_decay > 0")
   if u.recon_weighting not in RECON_WEIGHTINGS:
     raise ValueError(f"config.ufogen.recon_weighting={u.recon_weighting!r}: expected one of "
                      f"{RECON_WEIGHTINGS}")
@@ -112,16 +128,34 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
     self.u = config.ufogen
-    _check_config(self.u)
+    _check_config(config)
     self.disc = disc_spec(config)
+    self.lora = lora_spec(config, self.ld.unet) if self.u.finetune == "lora" else None
     if not config.init_from:
       raise ValueError("config.init_from is empty: UFOGen finetunes a pretrained diffusion run; "
                        "pass --config.init_from=WORKDIR_OF_THE_DIFFUSION_RUN")
 
   # -- groups -----------------------------------------------------------------------------------
   @property
+  def g_group(self) -> str:
+    """G's trainable group: the whole UNet, or only its LoRA factors (the base is frozen)."""
+    return "unet_lora" if self.lora is not None else "unet"
+
+  @property
   def trainable(self):
-    return {"unet": self.ld.unet, "disc": self.disc}
+    return {self.g_group: self.lora or self.ld.unet, "disc": self.disc}
+
+  def generator(self, params, frozen):
+    """G's plain UNet params: the trained UNet, or the frozen base with the factors merged."""
+    if self.lora is None:
+      return params["unet"]
+    return self.lora.merge(frozen["unet"], params["unet_lora"])
+
+  def eval_unet_params(self, state):
+    use = state["ema_params"] if state.get("ema_params") is not None else state["params"]
+    if self.lora is None:
+      return use["unet"]
+    return jax.jit(self.lora.merge)(state["frozen"]["unet"], use["unet_lora"])
 
   def optim_config(self, group):
     if group != "disc":
@@ -135,14 +169,18 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
 
   def phases(self):
     return [loop.Phase("d", ("disc",), self.d_loss, every=int(self.u.disc.every)),
-            loop.Phase("g", ("unet",), self.loss)]
+            loop.Phase("g", (self.g_group,), self.loss, with_ema=self.u.recon == "ema")]
 
   def ema_groups(self):
-    return ("unet",)
+    return (self.g_group,)
 
   @property
   def uses_teacher(self) -> bool:
-    return self.u.recon == "distill"
+    """A separate frozen teacher copy (under LoRA the frozen base UNet is the teacher)."""
+    return self.u.recon == "distill" and self.lora is None
+
+  def teacher(self, frozen):
+    return frozen["unet"] if self.lora is not None else frozen["teacher"]
 
   # -- frozen: text encoder, VAE, latent stats (and the teacher) from the pretrained run ---------
   def frozen_spec(self):
@@ -150,6 +188,9 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     if self.uses_teacher:
       abstract = dict(abstract, teacher=self.ld.unet.abstract_params)
       logical = dict(logical, teacher=self.ld.unet.logical)
+    if self.lora is not None:  # the base UNet the factors adapt
+      abstract = dict(abstract, unet=self.ld.unet.abstract_params)
+      logical = dict(logical, unet=self.ld.unet.logical)
     return abstract, logical
 
   def _restore_unet(self, abstract_unet):
@@ -175,28 +216,51 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
                                  self.ld.unet.abstract_params, shardings["teacher"])
       frozen["teacher"], _, which = self._restore_unet(teacher_abs)
       logging.info("teacher: %s.unet of %s", which, self.config.init_from)
+    if self.lora is not None:
+      base_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              self.ld.unet.abstract_params, shardings["unet"])
+      frozen["unet"], _, which = self._restore_unet(base_abs)
+      logging.info("frozen base of G (LoRA): %s.unet of %s", which, self.config.init_from)
     return frozen
 
   def load_init_from(self, abstract):
-    """G (and its EMA) = the pretrained UNet; D = a copy of it with a zero one-channel head."""
-    unet, step, which = self._restore_unet(abstract["params"]["unet"])
+    """G (and its EMA) = the pretrained UNet (or zero-effect LoRA factors on it); D = a copy of
+    it with a zero one-channel head (the encoder-only D: its down path and middle stack)."""
+    unet_abs = self.ld.unet.abstract_params
+    if self.lora is None:
+      unet_abs = abstract["params"]["unet"]
+    else:  # placed like the frozen base (only its structure is read here)
+      unet_abs = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unet_abs,
+          shd.tree_shardings(unet_abs, self.ld.unet.logical, self.rules, self.mesh))
+    unet, step, which = self._restore_unet(unet_abs)
     logging.info("G and D initialised from %s.unet of %s step %d", which, self.config.init_from,
                  step)
     d_abs = abstract["params"]["disc"]
-    disc = {}
-    for k, v in unet.items():
-      if k == "conv_out":
-        disc[k] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
-                               d_abs[k])
-      else:
-        # Distinct buffers: the step donates its state, and G and D must not share one.
-        disc[k] = jax.tree.map(jnp.copy, v)
-    if set(disc) != set(d_abs):
-      raise ValueError(f"discriminator params {sorted(d_abs)} do not match the pretrained UNet's "
-                       f"{sorted(unet)}")
-    out = {"params": {"unet": unet, "disc": disc}}
+    if self.u.disc.encoder_only:
+      disc = _encoder_disc_params(unet, d_abs)
+    else:
+      disc = {}
+      for k, v in unet.items():
+        if k == "conv_out":
+          disc[k] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                                 d_abs[k])
+        else:
+          # Distinct buffers: the step donates its state, and G and D must not share one.
+          disc[k] = jax.tree.map(jnp.copy, v)
+      if set(disc) != set(d_abs):
+        raise ValueError(f"discriminator params {sorted(d_abs)} do not match the pretrained "
+                         f"UNet's {sorted(unet)}")
+    if self.lora is None:
+      g = unet
+    else:
+      g_abs = abstract["params"]["unet_lora"]
+      g = jax.jit(self.lora.init, out_shardings=jax.tree.map(lambda a: a.sharding, g_abs))()
+      logging.info("G: LoRA rank %d on %d kernels (%d params), base frozen", self.lora.rank,
+                   len(self.lora.paths), self.lora.num_params)
+    out = {"params": {self.g_group: g, "disc": disc}}
     if abstract.get("ema_params") is not None:
-      out["ema_params"] = {"unet": jax.tree.map(jnp.copy, unet)}
+      out["ema_params"] = {self.g_group: jax.tree.map(jnp.copy, g)}
     return out
 
   # -- the step -------------------------------------------------------------------------------
@@ -225,7 +289,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     t = jax.random.randint(t_rng, (b,), gap, ld.schedule.num_timesteps, dtype=jnp.int32)
     t_prev = t - gap
     x_t = sch.q_sample(ld.schedule, z, t, jax.random.normal(n_rng, z.shape, jnp.float32))
-    x0_fake = self.generate_x0(params["unet"], x_t, t, context)
+    x0_fake = self.generate_x0(self.generator(params, frozen), x_t, t, context)
     real_prev = sch.q_sample(ld.schedule, z, t_prev,
                              jax.random.normal(r_rng, z.shape, jnp.float32))
     noise_fake = jax.random.normal(f_rng, z.shape, jnp.float32)
@@ -242,7 +306,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     acc = 0.5 * (jnp.mean((real > 0).astype(jnp.float32)) + jnp.mean((fake < 0).astype(jnp.float32)))
     return loss, dict(real_logit=jnp.mean(real), fake_logit=jnp.mean(fake), accuracy=acc)
 
-  def loss(self, params, frozen, batch, rng, step):
+  def loss(self, params, frozen, batch, rng, step, ema=None):
     u = self.u
     sched = self.ld.schedule
     d = self._draws(params, frozen, batch, step)
@@ -252,10 +316,13 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     fake = self.discriminate(params["disc"], fake_prev, d["t_prev"], d["context"])
     adv = jnp.mean(jax.nn.softplus(-fake))
     if u.recon == "distill":
-      pred = self.ld.unet_apply(frozen["teacher"])(d["x_t"], d["t"].astype(jnp.float32),
-                                                    d["context"])
+      pred = self.ld.unet_apply(self.teacher(frozen))(d["x_t"], d["t"].astype(jnp.float32),
+                                                       d["context"])
       target = jax.lax.stop_gradient(sch.pred_to_x0(sched, pred.astype(jnp.float32), d["x_t"],
                                                     d["t"]))
+    elif u.recon == "ema":  # G's EMA (as at the start of this step) predicts the target
+      target = jax.lax.stop_gradient(
+          self.generate_x0(self.generator(ema, frozen), d["x_t"], d["t"], d["context"]))
     else:  # diffusion
       target = d["z"]
     err = jnp.mean(jnp.square(target - x0_fake), axis=tuple(range(1, x0_fake.ndim)))
@@ -263,3 +330,33 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     recon = jnp.mean(gamma * err)
     loss = float(u.adv_weight) * adv + float(u.recon_weight) * recon
     return loss, dict(g_adv=adv, recon=recon, x0_mse=jnp.mean(err), g_fake_logit=jnp.mean(fake))
+
+
+def _encoder_disc_params(unet: dict, d_abs: dict) -> dict:
+  """The encoder-only D from a pretrained UNet: the shared parts copied, ``middle`` = the UNet's
+  innermost up stack, the head fresh (GroupNorm identity, zero logit conv)."""
+  inner = str(len(unet["up_levels"]) - 1)
+
+  def take(src, abs_tree, where):
+    if isinstance(abs_tree, dict):
+      if not isinstance(src, dict) or not set(abs_tree) <= set(src):
+        raise ValueError(f"encoder-only discriminator: {where} has no counterpart in the "
+                         "pretrained UNet")
+      return {k: take(src[k], v, f"{where}/{k}") for k, v in abs_tree.items()}
+    if tuple(src.shape) != tuple(abs_tree.shape):
+      raise ValueError(f"encoder-only discriminator: {where} is {tuple(abs_tree.shape)} but the "
+                       f"pretrained UNet's is {tuple(src.shape)}")
+    return jnp.copy(src)
+
+  out = {}
+  for k, v in d_abs.items():
+    if k == "middle":
+      out[k] = take(unet["up_levels"][inner], v, f"up_levels/{inner}")
+    elif k == "norm_head":
+      out[k] = {n: (jnp.ones if n == "scale" else jnp.zeros)(a.shape, a.dtype, device=a.sharding)
+                for n, a in v.items()}
+    elif k == "conv_out":
+      out[k] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), v)
+    else:
+      out[k] = take(unet[k], v, k)
+  return out

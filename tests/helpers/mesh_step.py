@@ -2,6 +2,10 @@
 
 Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8; prints one JSON
 line with the max differences of loss and updated params between the two meshes.
+
+``mesh_step.py TESTS_DIR STAGE WORKDIR [VAE_WORKDIR]`` for a configs/shapes.py stage;
+``mesh_step.py TESTS_DIR ufogen:ARG WORKDIR PRETRAINED_WORKDIR`` for a GAN step of
+configs/ufogen.py:ARG (the test_ufogen settings) finetuning PRETRAINED_WORKDIR.
 """
 
 from __future__ import annotations
@@ -28,27 +32,36 @@ def one_step(config, workdir, mesh):
   new_state, metrics = compiled(state, batch)
   specs = {str(p): str(x.sharding.spec) for p, x in
            jax.tree_util.tree_flatten_with_path(new_state["params"])[0]}
-  return (float(metrics["loss"]), jax.device_get(new_state["params"]), specs)
+  # Every phase's loss (a GAN step has the discriminator's too).
+  losses = {k: float(v) for k, v in metrics.items() if k.endswith("loss")}
+  return (losses, jax.device_get(new_state["params"]), specs)
 
 
 def main():
   stage, workdir = sys.argv[2], sys.argv[3]
-  vae_workdir = sys.argv[4] if len(sys.argv) > 4 else ""
+  extra = sys.argv[4] if len(sys.argv) > 4 else ""
   assert jax.device_count() == 8, jax.devices()
-  config = tiny_config(stage)
+  if stage.startswith("ufogen:"):
+    from test_ufogen import _ufogen_config  # pylint: disable=g-import-not-at-top
+    config = _ufogen_config(stage.split(":", 1)[1], extra)
+  else:
+    config = tiny_config(stage)
+    with config.unlocked():
+      config.vae_workdir = extra
   with config.unlocked():
-    config.vae_workdir = vae_workdir
     config.mesh_shape = (4, 2, 1)
   mesh8 = shd.make_mesh(config.mesh_shape, config.mesh_axes)
   mesh1 = shd.make_mesh((1, 1, 1), config.mesh_axes, devices=jax.devices()[:1])
-  loss1, params1, _ = one_step(config, workdir + "/one", mesh1)
-  loss8, params8, specs8 = one_step(config, workdir + "/eight", mesh8)
+  losses1, params1, _ = one_step(config, workdir + "/one", mesh1)
+  losses8, params8, specs8 = one_step(config, workdir + "/eight", mesh8)
+  loss1, loss8 = losses1["loss"], losses8["loss"]
   diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
            for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8))]
   scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(params1))
   sharded = sum("fsdp" in s for s in specs8.values())
   print(json.dumps(dict(loss1=loss1, loss8=loss8, max_param_diff=max(diffs), param_scale=scale,
-                        fsdp_sharded_params=sharded, num_params=len(specs8))))
+                        fsdp_sharded_params=sharded, num_params=len(specs8), losses1=losses1,
+                        losses8=losses8, groups=sorted(params1))))
 
 
 if __name__ == "__main__":
