@@ -36,32 +36,38 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Optional config file (configs/*.py[:arg]); default: the one stored with the "
-    "checkpoint. Its shapes must match the checkpoint.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a diffusion or UFOGen run.")
-_STEP = flags.DEFINE_string("step", "latest", "Checkpoint step, or 'latest'.")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpmpp2m", "onestep"], "Sampler.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sample.num_steps).")
-_CFG = flags.DEFINE_float("cfg", None, "CFG scale (default: config.sample.guidance_scale).")
-_SWEEP = flags.DEFINE_list("sweep_cfg", None, "Several CFG scales, e.g. 1,2,3,4: one evaluation "
-                           "each and the FID-vs-CLIP (shapes: distance-vs-judge) curve.")
-_NUM = flags.DEFINE_integer("num_samples", None,
-                            "Number of samples (default: config.sample.num_eval_samples, or all "
-                            "prompts of --prompts).")
-_SEED = flags.DEFINE_integer("seed", None, "Noise seed (default: config.sample.eval_seed).")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Sampling batch (default: config.sample.batch_size).")
-_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file: one per line, or a JSON list (e.g. "
-                               "the COCO-30K captions). Required unless the run is on shapes.")
-_FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference statistics .npz for FID.")
-_INCEPTION = flags.DEFINE_string("inception", None, "Converted FID Inception weights .npz.")
-_CLIP_DIR = flags.DEFINE_string("clip_dir", None, "Hugging Face CLIPModel directory (CLIP score).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval).")
-_EMA = flags.DEFINE_bool("ema", True, "Use EMA params when the checkpoint has them.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "jax.distributed.initialize() as md_jax.main does.")
-flags.mark_flags_as_required(["workdir"])
+
+def _define_flags() -> None:
+  """The CLI's flags, defined only when run as a program: importing this module (evaluate() from
+  a test or another tool) must not clash with md_jax.main's or md_jax.sample's flags."""
+  global _CONFIG, _WORKDIR, _STEP, _SAMPLER, _STEPS, _CFG, _SWEEP, _NUM, _SEED, _BATCH
+  global _PROMPTS, _FID_STATS, _INCEPTION, _CLIP_DIR, _OUT, _EMA, _PROGRESS, _DISTRIBUTED
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Optional config file (configs/*.py[:arg]); default: the one stored with the "
+      "checkpoint. Its shapes must match the checkpoint.", lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a diffusion or UFOGen run.")
+  _STEP = flags.DEFINE_string("step", "latest", "Checkpoint step, or 'latest'.")
+  _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpmpp2m", "onestep"], "Sampler.")
+  _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sample.num_steps).")
+  _CFG = flags.DEFINE_float("cfg", None, "CFG scale (default: config.sample.guidance_scale).")
+  _SWEEP = flags.DEFINE_list("sweep_cfg", None, "Several CFG scales, e.g. 1,2,3,4: one evaluation "
+                             "each and the FID-vs-CLIP (shapes: distance-vs-judge) curve.")
+  _NUM = flags.DEFINE_integer("num_samples", None,
+                              "Number of samples (default: config.sample.num_eval_samples, or all "
+                              "prompts of --prompts).")
+  _SEED = flags.DEFINE_integer("seed", None, "Noise seed (default: config.sample.eval_seed).")
+  _BATCH = flags.DEFINE_integer("batch_size", None, "Sampling batch (default: config.sample.batch_size).")
+  _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file: one per line, or a JSON list (e.g. "
+                                 "the COCO-30K captions). Required unless the run is on shapes.")
+  _FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference statistics .npz for FID.")
+  _INCEPTION = flags.DEFINE_string("inception", None, "Converted FID Inception weights .npz.")
+  _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "Hugging Face CLIPModel directory (CLIP score).")
+  _OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval).")
+  _EMA = flags.DEFINE_bool("ema", True, "Use EMA params when the checkpoint has them.")
+  _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars.")
+  _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                   "jax.distributed.initialize() as md_jax.main does.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def read_prompts(path: str) -> list[str]:
@@ -307,4 +313,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
