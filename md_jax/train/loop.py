@@ -118,6 +118,15 @@ class Objective(abc.ABC):
     return {k: np.asarray(v) for k, v in element.items()
             if isinstance(v, np.ndarray) and v.dtype != object}
 
+  def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of the global batch the step consumes (what ``host_batch`` gives, all processes
+    together), for compiling the step ahead of time: images and caption token ids by default."""
+    size = int(self.config.data.image_size)
+    return dict(
+        image=jax.ShapeDtypeStruct((global_batch_size, size, size, 3), jnp.float32),
+        input_ids=jax.ShapeDtypeStruct((global_batch_size, int(self.config.data.max_length)),
+                                       jnp.int32))
+
   def evaluate(self, state: dict, *, step: int, workdir: str, writer, final: bool) -> dict:
     return {}
 
@@ -340,11 +349,11 @@ class Trainer:
       # The single default phase keeps the step's key as is (runs stay reproducible).
       rng = base_rng if len(self.phases) == 1 else jax.random.fold_in(base_rng, i)
 
-      def loss_fn(sub, phase=phase, rng=rng):
+      def loss_fn(sub, batch, rng, phase=phase):
         return phase.loss({**params, **sub}, state["frozen"], batch, rng, step)
 
       sub = {g: params[g] for g in phase.groups}
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
+      (loss, metrics), grads = self._value_and_grad(loss_fn, sub, batch, rng)
       if cfg.debug.inject_nan_at_step >= 0:
         # Test hook: poison the loss at one step to exercise non-finite handling end to end.
         poison = jnp.where(step == cfg.debug.inject_nan_at_step, jnp.nan, 1.0)
@@ -379,6 +388,43 @@ class Trainer:
     out["finite"] = finite.astype(jnp.float32)
     out["param_norm"] = optax.global_norm(params)
     return new_state, out
+
+  def _value_and_grad(self, loss_fn, sub, batch, rng):
+    """((loss, metrics), grads) of ``loss_fn`` on the whole batch.
+
+    With ``config.optim.grad_accum_steps = k > 1`` the batch is cut into k micro-batches that run
+    one after another (a scan), and loss, metrics and gradients are their means: the same global
+    batch and the same update on a slice with 1/k of the activation memory. Micro-batch j takes
+    rows j, j+k, j+2k, ..., so every device contributes rows to every micro-batch and none idles.
+    """
+    k = int(self.config.optim.get("grad_accum_steps", 1) or 1)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k <= 1:
+      return grad_fn(sub, batch, rng)
+    rows = {v.shape[0] for v in batch.values()}
+    if len(rows) != 1 or next(iter(rows)) % k:
+      raise ValueError(f"config.optim.grad_accum_steps={k} must divide the batch rows {rows}")
+    n = next(iter(rows))
+    micro_sh = {key: shd.batch_sharding(self.mesh, v.ndim) for key, v in batch.items()}
+
+    def split(v):
+      v = v.reshape((n // k, k) + v.shape[1:])
+      return jnp.swapaxes(v, 0, 1)
+
+    micro = {key: split(v) for key, v in batch.items()}
+
+    def body(carry, xs):
+      j, mb = xs
+      mb = {key: jax.lax.with_sharding_constraint(v, micro_sh[key]) for key, v in mb.items()}
+      (loss, metrics), grads = grad_fn(sub, mb, jax.random.fold_in(rng, j))
+      acc = jax.tree.map(jnp.add, carry, ((loss, metrics), grads))
+      return acc, None
+
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32 if a.dtype == jnp.bfloat16
+                                            else a.dtype),
+                        jax.eval_shape(grad_fn, sub, jax.tree.map(lambda v: v[0], micro), rng))
+    total, _ = jax.lax.scan(body, zero, (jnp.arange(k), micro))
+    return jax.tree.map(lambda a: a / k, total)
 
   def compile_step(self, batch_abstract: dict):
     rep = shd.replicated(self.mesh)
@@ -440,6 +486,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(
         f"config.global_batch_size={config.global_batch_size} is not divisible by the "
         f"{shd.batch_divisor(mesh)} devices of the data axes of mesh {dict(mesh.shape)}")
+  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+  if accum < 1 or (config.global_batch_size // shd.batch_divisor(mesh)) % accum:
+    raise ValueError(
+        f"config.optim.grad_accum_steps={accum} must divide the per-device batch "
+        f"{config.global_batch_size // shd.batch_divisor(mesh)} (config.global_batch_size="
+        f"{config.global_batch_size} over {shd.batch_divisor(mesh)} devices)")
   is_lead = jax.process_index() == 0
   checkpointer = ckpt_lib.Checkpointer(
       workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
