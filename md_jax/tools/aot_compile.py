@@ -105,6 +105,7 @@ def compile_for_topology(config, topology: str, global_batch_size: int = 0) -> d
                       output=round(out / GIB, 3), aliased=round(alias / GIB, 3),
                       code=round(code / GIB, 4), total=round(total / GIB, 3)),
       hbm_gib=round(hbm / GIB, 1), fits=total <= hbm,
+      step_flops_per_chip=flops,
       step_tflops_per_chip=round(flops / 1e12, 3),
       # The compute-bound floor of one step at the chip's bf16 peak (real steps are slower).
       step_s_at_peak=round(flops / peak, 4) if peak else None,
