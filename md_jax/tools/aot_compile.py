@@ -57,6 +57,9 @@ def topology_devices(topology: str):
         "libtpu is not importable in this Python environment "
         f"({sys.executable}); install it with `pip install -e .[tpu-aot]` (best in a separate "
         "virtualenv) to compile for TPU topologies")
+  # Compiling needs no exclusive access to a chip: let several compiles (and tests) share libtpu
+  # instead of failing on its single-process lock file.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
