@@ -20,8 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (co
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
-    "jax.distributed.initialize(): 'auto' calls it when a cluster is detected (TPU VM pods, "
-    "SLURM, or JAX_COORDINATOR_ADDRESS set).")
+    "jax.distributed.initialize(): 'auto' calls it when a cluster is detected (a TPU VM, "
+    "SLURM, or JAX_COORDINATOR_ADDRESS set); 'on' always (what launch/tpu.py runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,8 +39,17 @@ def maybe_initialize_distributed(mode: str) -> None:
         num_processes=int(env["JAX_NUM_PROCESSES"]),
         process_id=int(env["JAX_PROCESS_ID"]))
     return
-  if mode == "on" or env.get("TPU_WORKER_HOSTNAMES") or env.get("SLURM_JOB_ID"):
+  if mode == "on" or on_tpu_vm() or env.get("SLURM_JOB_ID"):
+    # No addresses needed: on a TPU VM jax asks the VM's metadata for the slice's workers.
     jax.distributed.initialize()
+
+
+def on_tpu_vm() -> bool:
+  """A Cloud TPU VM worker (its environment or its accelerator device files)."""
+  env = os.environ
+  if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_WORKER_ID") or env.get("TPU_ACCELERATOR_TYPE"):
+    return True
+  return os.path.exists("/dev/accel0")
 
 
 def main(argv):

@@ -163,6 +163,14 @@ def get_objective(name: str):
 
 
 def prepare_workdir(workdir: str) -> str:
+  if ckpt_lib.is_remote(workdir):
+    # gs://BUCKET/PATH: what pods use, as every worker must see the same checkpoints.
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise WorkdirError(f"--workdir={workdir} cannot be created: {e}") from None
+    return workdir
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
@@ -511,8 +519,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 preempted=False, workdir=workdir)
   data_iter = obj.data_iterator(jax.process_index(), jax.process_count())
   if latest is not None:
-    logging.info("resuming from %s step %d", workdir, latest)
-    state = checkpointer.restore(latest, trainer.abstract_state_sharded, data_iter)
+    state, resumed = checkpointer.restore_latest(trainer.abstract_state_sharded, data_iter)
+    if resumed != latest:
+      logging.warning("resuming from step %d: the latest checkpoint, step %d, is unreadable",
+                      resumed, latest)
+      for bad in [s for s in checkpointer.manager.all_steps() if s > resumed]:
+        checkpointer.manager.delete(bad)  # the rerun saves these steps again
+    logging.info("resuming from %s step %d", workdir, resumed)
     state["step"] = jnp.asarray(state["step"], jnp.int32)
   else:
     state = trainer.init_state()
@@ -611,17 +624,22 @@ FINAL_JSON = "final.json"
 
 def _read_final(workdir: str) -> dict | None:
   """The record a finished run leaves (step, last metrics, evaluation), or None."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   try:
-    with open(os.path.join(workdir, FINAL_JSON)) as f:
-      return json.load(f)
+    return json.loads((epath.Path(workdir) / FINAL_JSON).read_text())
   except (OSError, ValueError):
     return None
 
 
 def _write_final(workdir: str, record: dict) -> None:
+  text = json.dumps(record, indent=1, default=str)
+  if ckpt_lib.is_remote(workdir):  # an object store writes whole objects on close
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    (epath.Path(workdir) / FINAL_JSON).write_text(text)
+    return
   path = os.path.join(workdir, FINAL_JSON)
   with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1, default=str)
+    f.write(text)
   os.replace(path + ".tmp", path)  # never a half-written record
 
 
