@@ -9,6 +9,8 @@ every other command should run with JAX_PLATFORMS=cpu). The topology's devices c
 the state and batch are ShapeDtypeStructs with the run's shardings, and the step is the loop's own
 (md_jax.train.loop.Trainer). Prints one JSON line: per-chip memory (arguments, temporaries,
 output, total) against the chip's HBM, whether it fits, and the step's flops per chip.
+Nothing is read from disk: UFOGen configs still insist on ``--config.init_from``, but any value
+compiles (it is read only when a run starts).
 """
 
 from __future__ import annotations
