@@ -4,6 +4,8 @@
   RECON     diffusion (default, the paper's pick) | distill | ema   - the reconstruction term
   FINETUNE  full (default) | lora                                    - what of G is trained
   SIZE      full (default) | smoke | tiny                            - as configs/shapes.py
+            md512: the paper's MD network at 512px on real data, on pods (configs/md_pretrain.py
+            :512's network, data, precision, mesh and remat; init_from = that stage's run)
 in any order, so the six cells of Table 5 are six config args (e.g. ``distill,lora``).
 ``init_from`` is the pretrained diffusion run (for the shapes chain: QUICKSTART_DIR/highres, or
 the relu-finetuned run when the attention is relu); text encoder, VAE and latent statistics come
@@ -19,12 +21,12 @@ import ml_collections
 
 from md_jax.train import ufogen
 
-SIZES = ("full", "smoke", "tiny")
+SIZES = ("full", "smoke", "tiny", "md512")
 
 
-def _shapes_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("md_jax_config_shapes", path)
+def _config_module(name: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"md_jax_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -48,7 +50,10 @@ def parse_arg(arg: str | None) -> tuple[str, str, str]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   recon, finetune, size = parse_arg(arg)
-  c = _shapes_module().get_config(f"highres,{size}")
+  if size == "md512":
+    c = _config_module("md_pretrain").get_config("512")
+  else:
+    c = _config_module("shapes").get_config(f"highres,{size}")
   c.stage = "ufogen"
   c.trainer = "ufogen"
   c.init_from = ""  # required: the pretrained diffusion run
@@ -65,7 +70,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 20
   c.ufogen.disc.learning_rate = 1e-4
-  if size == "full":
+  if size == "md512":
+    # ours (the paper gives no UFOGen batch or length): the 512 stage's batch, a short finetune.
+    # G and D are two paper-size UNets, so half the batch runs per micro-batch.
+    c.global_batch_size = 2048
+    c.num_train_steps = 50_000
+    c.optim.warmup_steps = 1_000
+    c.optim.grad_accum_steps = 2
+    c.sample.batch_size = 64
+  elif size == "full":
     c.num_train_steps = 300
   elif size == "smoke":
     c.num_train_steps = 20

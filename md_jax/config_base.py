@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="constant",
       final_lr_fraction=0.0,
       grad_clip_norm=1.0,
-      grad_accum_steps=1,
+      grad_accum_steps=1,  # micro-batches per step (same global batch, 1/k the activations)
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, max_to_keep=3, async_save=True))
   # Test hooks: poison the loss at one step; slow every step down (to interrupt a run mid-way).

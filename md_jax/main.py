@@ -19,8 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (co
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
-    "jax.distributed.initialize(): 'auto' calls it when a cluster is detected (TPU VM pods, "
-    "SLURM, or JAX_COORDINATOR_ADDRESS set).")
+    "jax.distributed.initialize(): 'auto' calls it when a cluster is detected (a TPU VM, "
+    "SLURM, or JAX_COORDINATOR_ADDRESS set); 'on' always (what launch/tpu.py runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -30,6 +30,13 @@ def default_tokenizer_path() -> str:
   return os.path.join(root, "assets", "shapes_tokenizer")
 
 
+def tokenizer_dir(text_config) -> str | None:
+  """config.text's tokenizer: ``tokenizer_dir``, else the CLIP directory ``hf_dir``, else None
+  (the packaged shapes tokenizer)."""
+  return (str(text_config.get("tokenizer_dir", "") or "")
+          or str(text_config.get("hf_dir", "") or "") or None)
+
+
 def load_tokenizer(path: str | None = None):
   """A transformers CLIPTokenizer, offline; None loads the packaged one.
 

@@ -28,12 +28,30 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint in a workdir does not fit the model the config describes."""
 
 
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint step is corrupt or half-written (e.g. the job died while saving it)."""
+
+
 class MissingStateError(KeyError):
   """The checkpoint has no such top-level part (e.g. no EMA params)."""
 
 
+def is_remote(path: str) -> bool:
+  """gs://... and other URLs: opened through etils.epath, never as local paths."""
+  return "://" in str(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
+  if is_remote(workdir):  # a bucket shared by all workers of a pod
+    return str(workdir).rstrip("/") + "/checkpoints"
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _isdir(path: str) -> bool:
+  if is_remote(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(path).is_dir()
+  return os.path.isdir(path)
 
 
 def _manager(directory: str, *, max_to_keep: int | None = None, async_save: bool = True,
@@ -111,17 +129,42 @@ class Checkpointer:
     return tree
 
   def restore(self, step: int, abstract_state: dict, data_iterator=None) -> dict:
+    """The state saved at ``step``, placed with ``abstract_state``'s shardings: any mesh, any
+    device count (arrays are stored whole, not per device)."""
     try:
       saved = self.saved_state_shapes(step)
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointMismatchError(
+      raise UnreadableCheckpointError(
           f"{self.directory}/{step} cannot be read as an md_jax checkpoint: {e}") from e
     check_compatible(saved, abstract_state, f"{self.workdir} (step {step})")
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iterator is not None and _GRAIN_RESTORE is not None:
       items["data"] = _GRAIN_RESTORE(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise UnreadableCheckpointError(
+          f"{self.directory}/{step} is corrupt or incomplete: {type(e).__name__}: {e}") from e
     return restored["state"]
+
+  def restore_latest(self, abstract_state: dict, data_iterator=None) -> tuple[dict, int]:
+    """The newest readable checkpoint: a corrupt or half-written latest step is skipped (with a
+    warning naming it) for the one before; a checkpoint of another model still fails."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    errors = []
+    for step in steps:
+      try:
+        return self.restore(step, abstract_state, data_iterator), step
+      except UnreadableCheckpointError as e:
+        errors.append(str(e))
+        logging.warning("checkpoint step %d is unreadable (%s); trying the previous one",
+                        step, str(e).splitlines()[0][:300])
+    raise UnreadableCheckpointError(f"no readable checkpoint under {self.directory}: "
+                                    + " | ".join(errors))
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -133,7 +176,7 @@ class Checkpointer:
 
 def latest_step_in(workdir: str) -> int | None:
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not _isdir(directory):
     return None
   mngr = _manager(directory, read_only=True, async_save=False)
   try:
@@ -149,7 +192,7 @@ def restore_subset(workdir: str, abstract_subset: dict, step: int | None = None)
   ``sharding`` are placed on the mesh directly, so restoring onto another mesh works.
   """
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not _isdir(directory):
     raise FileNotFoundError(f"no checkpoints under {directory}")
   mngr = _manager(directory, read_only=True, async_save=False)
   try:
@@ -174,9 +217,9 @@ def restore_subset(workdir: str, abstract_subset: dict, step: int | None = None)
 def read_config_json(workdir: str, step: int | None = None) -> dict[str, Any]:
   directory = checkpoint_dir(workdir)
   step = latest_step_in(workdir) if step is None else step
-  path = os.path.join(directory, str(step), "config", "metadata")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(directory) / str(step) / "config" / "metadata"
+  if path.exists():
+    return json.loads(path.read_text())
   logging.warning("no config stored at %s", path)
   return {}

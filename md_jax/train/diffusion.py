@@ -72,7 +72,7 @@ class LatentDiffusion:
 
   def __init__(self, config):
     self.config = config
-    self.tokenizer = pipeline.load_tokenizer(config.text.tokenizer_dir)
+    self.tokenizer = pipeline.load_tokenizer(pipeline.tokenizer_dir(config.text))
     eos = int(config.text.eos_token_id)
     if eos < 0:
       eos = int(self.tokenizer.eos_token_id)

@@ -123,6 +123,15 @@ class Objective(abc.ABC):
     return {k: np.asarray(v) for k, v in element.items()
             if isinstance(v, np.ndarray) and v.dtype != object}
 
+  def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of the global batch the step consumes (what ``host_batch`` gives, all processes
+    together), for compiling the step ahead of time: images and caption token ids by default."""
+    size = int(self.config.data.image_size)
+    return dict(
+        image=jax.ShapeDtypeStruct((global_batch_size, size, size, 3), jnp.float32),
+        input_ids=jax.ShapeDtypeStruct((global_batch_size, int(self.config.data.max_length)),
+                                       jnp.int32))
+
   def evaluate(self, state: dict, *, step: int, workdir: str, writer, final: bool) -> dict:
     return {}
 
@@ -159,6 +168,14 @@ def get_objective(name: str):
 
 
 def prepare_workdir(workdir: str) -> str:
+  if ckpt_lib.is_remote(workdir):
+    # gs://BUCKET/PATH: what pods use, as every worker must see the same checkpoints.
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise WorkdirError(f"--workdir={workdir} cannot be created: {e}") from None
+    return workdir
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
@@ -345,12 +362,12 @@ class Trainer:
       # The single default phase keeps the step's key as is (runs stay reproducible).
       rng = base_rng if len(self.phases) == 1 else jax.random.fold_in(base_rng, i)
 
-      def loss_fn(sub, phase=phase, rng=rng):
+      def loss_fn(sub, batch, rng, phase=phase):
         extra = {"ema": jax.lax.stop_gradient(state["ema_params"])} if phase.with_ema else {}
         return phase.loss({**params, **sub}, state["frozen"], batch, rng, step, **extra)
 
       sub = {g: params[g] for g in phase.groups}
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
+      (loss, metrics), grads = self._value_and_grad(loss_fn, sub, batch, rng)
       if cfg.debug.inject_nan_at_step >= 0:
         # Test hook: poison the loss at one step to exercise non-finite handling end to end.
         poison = jnp.where(step == cfg.debug.inject_nan_at_step, jnp.nan, 1.0)
@@ -385,6 +402,43 @@ class Trainer:
     out["finite"] = finite.astype(jnp.float32)
     out["param_norm"] = optax.global_norm(params)
     return new_state, out
+
+  def _value_and_grad(self, loss_fn, sub, batch, rng):
+    """((loss, metrics), grads) of ``loss_fn`` on the whole batch.
+
+    With ``config.optim.grad_accum_steps = k > 1`` the batch is cut into k micro-batches that run
+    one after another (a scan), and loss, metrics and gradients are their means: the same global
+    batch and the same update on a slice with 1/k of the activation memory. Micro-batch j takes
+    rows j, j+k, j+2k, ..., so every device contributes rows to every micro-batch and none idles.
+    """
+    k = int(self.config.optim.get("grad_accum_steps", 1) or 1)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k <= 1:
+      return grad_fn(sub, batch, rng)
+    rows = {v.shape[0] for v in batch.values()}
+    if len(rows) != 1 or next(iter(rows)) % k:
+      raise ValueError(f"config.optim.grad_accum_steps={k} must divide the batch rows {rows}")
+    n = next(iter(rows))
+    micro_sh = {key: shd.batch_sharding(self.mesh, v.ndim) for key, v in batch.items()}
+
+    def split(v):
+      v = v.reshape((n // k, k) + v.shape[1:])
+      return jnp.swapaxes(v, 0, 1)
+
+    micro = {key: split(v) for key, v in batch.items()}
+
+    def body(carry, xs):
+      j, mb = xs
+      mb = {key: jax.lax.with_sharding_constraint(v, micro_sh[key]) for key, v in mb.items()}
+      (loss, metrics), grads = grad_fn(sub, mb, jax.random.fold_in(rng, j))
+      acc = jax.tree.map(jnp.add, carry, ((loss, metrics), grads))
+      return acc, None
+
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32 if a.dtype == jnp.bfloat16
+                                            else a.dtype),
+                        jax.eval_shape(grad_fn, sub, jax.tree.map(lambda v: v[0], micro), rng))
+    total, _ = jax.lax.scan(body, zero, (jnp.arange(k), micro))
+    return jax.tree.map(lambda a: a / k, total)
 
   def compile_step(self, batch_abstract: dict):
     rep = shd.replicated(self.mesh)
@@ -449,6 +503,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(
         f"config.global_batch_size={config.global_batch_size} is not divisible by the "
         f"{shd.batch_divisor(mesh)} devices of the data axes of mesh {dict(mesh.shape)}")
+  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+  if accum < 1 or (config.global_batch_size // shd.batch_divisor(mesh)) % accum:
+    raise ValueError(
+        f"config.optim.grad_accum_steps={accum} must divide the per-device batch "
+        f"{config.global_batch_size // shd.batch_divisor(mesh)} (config.global_batch_size="
+        f"{config.global_batch_size} over {shd.batch_divisor(mesh)} devices)")
   is_lead = jax.process_index() == 0
   checkpointer = ckpt_lib.Checkpointer(
       workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
@@ -468,8 +528,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 preempted=False, workdir=workdir)
   data_iter = obj.data_iterator(jax.process_index(), jax.process_count())
   if latest is not None:
-    logging.info("resuming from %s step %d", workdir, latest)
-    state = checkpointer.restore(latest, trainer.abstract_state_sharded, data_iter)
+    state, resumed = checkpointer.restore_latest(trainer.abstract_state_sharded, data_iter)
+    if resumed != latest:
+      logging.warning("resuming from step %d: the latest checkpoint, step %d, is unreadable",
+                      resumed, latest)
+      for bad in [s for s in checkpointer.manager.all_steps() if s > resumed]:
+        checkpointer.manager.delete(bad)  # the rerun saves these steps again
+    logging.info("resuming from %s step %d", workdir, resumed)
     state["step"] = jnp.asarray(state["step"], jnp.int32)
   else:
     state = trainer.init_state()
@@ -568,17 +633,22 @@ FINAL_JSON = "final.json"
 
 def _read_final(workdir: str) -> dict | None:
   """The record a finished run leaves (step, last metrics, evaluation), or None."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   try:
-    with open(os.path.join(workdir, FINAL_JSON)) as f:
-      return json.load(f)
+    return json.loads((epath.Path(workdir) / FINAL_JSON).read_text())
   except (OSError, ValueError):
     return None
 
 
 def _write_final(workdir: str, record: dict) -> None:
+  text = json.dumps(record, indent=1, default=str)
+  if ckpt_lib.is_remote(workdir):  # an object store writes whole objects on close
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    (epath.Path(workdir) / FINAL_JSON).write_text(text)
+    return
   path = os.path.join(workdir, FINAL_JSON)
   with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1, default=str)
+    f.write(text)
   os.replace(path + ".tmp", path)  # never a half-written record
 
 

@@ -43,10 +43,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
           learning_rate_schedule(cfg, total_steps),
           b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
           weight_decay=float(cfg.weight_decay), mask=_decay_mask))
-  tx = optax.chain(*chain)
-  if int(cfg.get("grad_accum_steps", 1)) > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.grad_accum_steps))
-  return tx
+  # cfg.grad_accum_steps is applied inside the train step (loop.Trainer): one step is still one
+  # update of the whole global batch, so schedules, EMA and step counts do not change with it.
+  return optax.chain(*chain)
 
 
 def ema_update(ema, params, decay: float | jax.Array):

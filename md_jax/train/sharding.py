@@ -147,5 +147,14 @@ def maybe_initialize_distributed(mode: str) -> None:
         num_processes=int(env["JAX_NUM_PROCESSES"]),
         process_id=int(env["JAX_PROCESS_ID"]))
     return
-  if mode == "on" or env.get("TPU_WORKER_HOSTNAMES") or env.get("SLURM_JOB_ID"):
+  if mode == "on" or on_tpu_vm() or env.get("SLURM_JOB_ID"):
+    # No addresses needed: on a TPU VM jax asks the VM's metadata for the slice's workers.
     jax.distributed.initialize()
+
+
+def on_tpu_vm() -> bool:
+  """A Cloud TPU VM worker (its environment or its accelerator device files)."""
+  env = os.environ
+  if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_WORKER_ID") or env.get("TPU_ACCELERATOR_TYPE"):
+    return True
+  return os.path.exists("/dev/accel0")

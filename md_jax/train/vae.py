@@ -135,8 +135,11 @@ def latent_stats_spec(config):
 
 def make_data_iterator(config, process_index, process_count, *, split="train", seed_offset=0,
                        image_size=None, caption_dropout=None, text_cache=None):
-  tokenizer = pipeline.load_tokenizer(config.text.tokenizer_dir)
+  tokenizer = pipeline.load_tokenizer(pipeline.tokenizer_dir(config.text))
   source = str(config.data.get("source", "") or "")
+  if not source and config.data.get("name", "shapes") != "shapes":
+    raise ValueError(f"config.data.name={config.data.name!r} needs --config.data.source (a "
+                     "directory written by `python -m md_jax.data.prepare` or tfds:NAME[:SPLIT])")
   if source:
     # Real image-text records (python -m md_jax.data.prepare, or tfds:NAME[:SPLIT]).
     if text_cache:
@@ -276,6 +279,9 @@ class VAEObjective(_Perceptual, loop.Objective):
 
   def data_iterator(self, process_index, process_count):
     return make_data_iterator(self.config, process_index, process_count, caption_dropout=0.0)
+
+  def batch_spec(self, global_batch_size):
+    return {"image": super().batch_spec(global_batch_size)["image"]}
 
   def host_batch(self, element):
     out = {"image": np.asarray(element["image"], np.float32)}
