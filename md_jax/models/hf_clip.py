@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from md_jax.models import text_encoder as text_lib
+from md_jax.models import layers
 from md_jax.models.layers import KeyStream
 
 SINGLE_FILE = "model.safetensors"
@@ -230,16 +231,6 @@ def _find_prefix(keys: Sequence[str], where: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- params
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return out
-
-
 def _read_mapped(reader: SafetensorsReader, mapping, prefix: str, np_dtype,
                  cfg_where: str) -> dict[tuple[str, ...], np.ndarray]:
   """Reads every mapped tensor, checked by name and shape, into our layout."""
@@ -302,7 +293,7 @@ def load_text_params(directory: str, cfg=None, *, param_dtype=jnp.float32,
             f"for (wrong num_hidden_layers?): {extra[:8]}{' ...' if len(extra) > 8 else ''}")
   finally:
     reader.close()
-  return _nest(flat)
+  return layers.nest_paths(flat)
 
 
 def _restore_keys(tree, template):
@@ -360,7 +351,7 @@ def load_clip_model(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float3
         param_dtype=param_dtype))
   graphdef, state = nnx.split(abstract)
   template = nnx.to_pure_dict(state)
-  values = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), _nest(flat))
+  values = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), layers.nest_paths(flat))
   nnx.replace_by_pure_dict(state, _restore_keys(values, template))
   return nnx.merge(graphdef, state)
 

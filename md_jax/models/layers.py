@@ -304,6 +304,17 @@ class KeyStream:
     return jax.random.fold_in(self._key, self._count)
 
 
+def nest_paths(flat: dict) -> dict:
+  """{("a", "b"): v, ...} -> {"a": {"b": v}, ...}: a flat path dict back to nested dicts."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return out
+
+
 def count_params(tree) -> int:
   """Number of scalars in a module or state (works on nnx.eval_shape output)."""
   state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)

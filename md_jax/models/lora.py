@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from md_jax.models import layers
+
 # Module paths (joined with "/") matched with re.search. The defaults adapt every attention
 # projection, every feed-forward layer and the dense convolutions of the conv blocks.
 DEFAULT_TARGETS = (
@@ -49,16 +51,6 @@ def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
       out.update(_flatten(v, prefix + (str(k),)))
     else:
       out[prefix + (str(k),)] = v
-  return out
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
   return out
 
 
@@ -111,8 +103,8 @@ class LoraSpec:
       abstract[path + ("b",)] = jax.ShapeDtypeStruct((self.rank, kernel.shape[-1]), kernel.dtype)
       logical[path + ("a",)] = tuple(axes[:-1]) + (None,)
       logical[path + ("b",)] = (None, axes[-1])
-    self.abstract_params = _unflatten(abstract)
-    self.logical = _unflatten(logical)
+    self.abstract_params = layers.nest_paths(abstract)
+    self.logical = layers.nest_paths(logical)
 
   @property
   def num_params(self) -> int:
@@ -129,7 +121,7 @@ class LoraSpec:
       flat[path + ("a",)] = (jax.random.normal(jax.random.fold_in(base, i), a.shape, jnp.float32)
                              / math.sqrt(fan_in)).astype(a.dtype)
       flat[path + ("b",)] = jnp.zeros(b.shape, b.dtype)
-    return _unflatten(flat)
+    return layers.nest_paths(flat)
 
   def delta(self, factors: dict) -> dict[tuple[str, ...], jax.Array]:
     """{module path: (alpha / r) * a . b}, each the shape of that module's kernel."""

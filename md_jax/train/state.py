@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from md_jax.models import layers
 from md_jax.models.layers import KeyStream
 
 
@@ -55,7 +56,7 @@ class ModelSpec:
       meta = var.get_metadata()
       names = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
       logical[tuple(str(p) for p in path)] = tuple(names) if names else None
-    self.logical = _unflatten(logical)
+    self.logical = layers.nest_paths(logical)
 
   @property
   def num_params(self) -> int:
@@ -84,16 +85,6 @@ def init_compiler_options() -> dict | None:
   if jax.default_backend() == "cpu":
     return {"xla_backend_optimization_level": 0}
   return None
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return out
 
 
 @flax.struct.dataclass
