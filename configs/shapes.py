@@ -154,7 +154,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if stage in ("vae", "light_decoder"):
     c.num_train_steps = 800
     c.global_batch_size = 16
-    c.optim.learning_rate = 3e-3
+    # 1e-3: at 3e-3 the loss spikes every few hundred steps and 800 steps end far from converged
+    # (held-out reconstructions judged 42% right colour vs 97% at 1e-3, edges 1.10 vs 0.80 px).
+    c.optim.learning_rate = 1e-3
     c.sample.num_eval_samples = 64
   elif stage == "lowres":
     c.num_train_steps = 500
