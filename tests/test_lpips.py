@@ -1,11 +1,17 @@
-"""LPIPS(VGG16) in NNX against a PyTorch forward of the same converted .pth weights.
+"""LPIPS(VGG16) in NNX against the `lpips` package and a PyTorch forward of the same weights.
 
-The reference below is LPIPS' computation written with torch.nn.functional (the `lpips` package
-does not import beside torch 2.13, DESIGN 6); it checks the conversion (OIHW -> HWIO, torchvision
-layer indices, head keys) and the forward (scaling, pools, normalisation, heads) end to end.
+The `lpips` package needs torchvision, which does not import beside torch 2.13 (DESIGN 6), so
+tests/data/lpips_golden.npz holds its distances on shapes image pairs, computed once by
+tests/golden/make_lpips_golden.py with a seeded random VGG16 trunk and the package's shipped
+linear heads. Here the trunk is regenerated from the seed and, with the stored heads, goes
+through the real converter. A second reference, LPIPS' computation written with
+torch.nn.functional, checks the conversion and forward on other random weights and sizes.
 """
 
 from __future__ import annotations
+
+import ast
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +20,60 @@ torch = pytest.importorskip("torch")
 
 from md_jax.models import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
 from md_jax.tools import convert_lpips  # pylint: disable=g-import-not-at-top
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "lpips_golden.npz")
+SIZES = (64, 104)
+
+
+def _golden():
+  g = np.load(GOLDEN)
+  trunk = {str(k): tuple(ast.literal_eval(str(s))) for k, s in zip(g["trunk_keys"],
+                                                                  g["trunk_shapes"])}
+  heads = {k[len("head:"):]: g[k] for k in g.files if k.startswith("head:")}
+  return g, trunk, heads
+
+
+@pytest.fixture(scope="module")
+def golden_model(tmp_path_factory):
+  """Our LPIPS over the seeded trunk + the package's heads, converted like a user's files."""
+  g, _, heads = _golden()
+  tmp = tmp_path_factory.mktemp("lpips_golden")
+  vgg_pth, heads_pth, out = tmp / "vgg16.pth", tmp / "vgg.pth", tmp / "lpips.npz"
+  sd = convert_lpips.synthetic_vgg16_state_dict(int(g["seed"]))
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, vgg_pth)
+  del sd
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in heads.items()}, heads_pth)
+  convert_lpips.main(["--vgg16", str(vgg_pth), "--heads", str(heads_pth), "--out", str(out)])
+  os.remove(vgg_pth)
+  return lpips_lib.build(str(out)), g
+
+
+def test_golden_layout_is_what_the_converter_reads():
+  """The package's VGG16 trunk and shipped heads file have exactly the tensors we convert."""
+  _, trunk, heads = _golden()
+  assert convert_lpips.torch_layout() == trunk
+  assert {k: tuple(v.shape) for k, v in heads.items()} == convert_lpips.heads_layout()
+  assert all(np.all(v > 0) for v in heads.values())  # the shipped heads are clamped positive
+
+
+def test_lpips_matches_lpips_package(golden_model):
+  model, g = golden_model
+  errs, rels = [], []
+  for size in SIZES:
+    x, y, want = g[f"x{size}"], g[f"y{size}"], g[f"d{size}"]
+    got = np.asarray(model(x.astype(np.float32) / 127.5 - 1.0, y.astype(np.float32) / 127.5 - 1.0))
+    assert got.shape == want.shape == (len(x),)
+    errs.append(np.abs(got - want))
+    rels.append(np.abs(got - want) / np.maximum(np.abs(want), 1e-3))
+  err, rel = float(np.max(np.concatenate(errs))), float(np.max(np.concatenate(rels)))
+  want = np.concatenate([g[f"d{s}"] for s in SIZES])
+  print(f"\nmax abs error vs lpips: {err:.2e}, max rel error {rel:.2e} "
+        f"({len(want)} pairs, distances {want.min():.4f}..{want.max():.4f})")
+  # Every non-identical pair is far above the tolerance, so a wrong layer cannot hide in it, and
+  # the relative bound (measured ~2e-6) also catches small slips (a 0.45 scale, a 1e-3 eps).
+  assert np.all(want[want > 0] > 10 * 1e-4) and np.sum(want == 0) == 1
+  assert err <= 1e-4, f"max abs error {err:.3g} vs the lpips package"
+  assert rel <= 2e-5, f"max relative error {rel:.3g} vs the lpips package"
 
 
 def _write_weights(tmp_path):
