@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from md_jax.models import layers
 from md_jax.models import text_encoder as te
 from md_jax.models import unet as unet_lib
 from md_jax.models import vae as vae_lib
@@ -271,6 +272,34 @@ def test_group_norm_matches_reference():
   ref = (xg - xg.mean(axis=(1, 3), keepdims=True)) / np.sqrt(
       xg.var(axis=(1, 3), keepdims=True) + 1e-5)
   np.testing.assert_allclose(_jit(gn)(x), ref.reshape(x.shape), rtol=1e-4, atol=1e-5)
+
+
+def test_norm_statistics_stay_in_fp16_range():
+  """A trained UNet's activations reach |x| ~ 1e3-1e4: the variance must not be formed from raw
+  squares, which pass fp16's 65504 (the exported GPU graph runs in fp16)."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 16, 4, 8)).astype(np.float32) * 3000 + 500
+  x[0, 0, 0] = 2e4  # one outlier dominates the group's max
+  d32 = x - x.mean(axis=(1, 3), keepdims=True)
+  ref = d32 / np.sqrt(d32.var(axis=(1, 3), keepdims=True) + 1e-5)
+  inv_n = 1.0 / (16 * 8)
+  d16 = jnp.asarray(d32, jnp.float16)
+  naive = d16 * jax.lax.rsqrt(jnp.sum(jnp.square(d16) * inv_n, axis=(1, 3), keepdims=True) + 1e-5)
+  assert not np.all(np.isfinite(np.asarray(naive, np.float32))) or \
+      np.abs(np.asarray(naive, np.float32) - ref).max() > 0.5  # the naive form does break
+  got = layers.normalize_deviation(d16, (1, 3), inv_n, 1e-5)
+  assert got.dtype == jnp.float16
+  np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2e-2, atol=2e-2)
+  # Exact in float32 for any magnitude, a constant group gives 0 (not NaN), and below
+  # sqrt(eps) the eps term dominates as in the textbook formula.
+  for scale in (1e-4, 1.0, 1e4):
+    d = (rng.standard_normal((1, 8, 2, 4)) * scale).astype(np.float32)
+    d -= d.mean(axis=(1, 3), keepdims=True)
+    want = d / np.sqrt(d.var(axis=(1, 3), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(layers.normalize_deviation(jnp.asarray(d), (1, 3), 1 / 32, 1e-5),
+                               want, rtol=1e-5, atol=1e-6)
+  zero = layers.normalize_deviation(jnp.zeros((1, 4, 2, 2)), (1, 3), 1 / 8, 1e-5)
+  assert np.all(np.asarray(zero) == 0)
 
 
 # ----------------------------------------------------------------------------- VAE
