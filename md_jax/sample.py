@@ -30,14 +30,6 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "empty"
 
 
-def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = True,
-                      config=None):
-  """(config, LatentDiffusion, mesh, unet params, frozen, step): see
-  md_jax.train.diffusion.load_for_sampling."""
-  from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
-  return diff.load_for_sampling(workdir, step, use_ema, config)
-
-
 def main(argv):
   prompts = argv[1:]
   if not prompts:
@@ -45,7 +37,8 @@ def main(argv):
   from md_jax.evaluators import samples as samples_lib  # pylint: disable=g-import-not-at-top
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   try:
-    config, ld, mesh, unet, frozen, step = load_for_sampling(_WORKDIR.value, _STEP.value, _EMA.value)
+    config, ld, mesh, unet, frozen, step = diff.load_for_sampling(
+        _WORKDIR.value, _STEP.value, _EMA.value)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -278,7 +278,7 @@ def _pretrained_unet(objective, pretrained):
 
 
 def test_lora_trains_only_factors_and_merges_to_a_plain_unet(lora_run, pretrained):
-  from md_jax import sample  # pylint: disable=g-import-not-at-top
+  from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   config, workdir = lora_run["config"], lora_run["workdir"]
   mesh = shd.make_mesh((1, 1, 1), config.mesh_axes, devices=jax.devices()[:1])
@@ -320,7 +320,7 @@ def test_lora_trains_only_factors_and_merges_to_a_plain_unet(lora_run, pretraine
   x = jax.random.normal(jax.random.key(1), (2,) + obj.ld.latent_shape(32), jnp.float32)
   forward = jax.jit(lambda p, fz: obj.ld.unet_apply(p)(x, jnp.full((2,), 500.0),
                                                        obj.ld.encode_text(fz, ids)))
-  _, _, _, sampled, frozen, step = sample.load_for_sampling(workdir)
+  _, _, _, sampled, frozen, step = diff.load_for_sampling(workdir)
   assert step == 3 and "unet" not in frozen
   out_base = np.asarray(forward(base, frozen))
   np.testing.assert_array_equal(out_base, np.asarray(forward(merged0, frozen)))
@@ -377,35 +377,15 @@ def _cli_args(pretrained, workdir, steps, sleep=0.0):
 
 @pytest.mark.slow
 def test_sigkill_mid_finetune_then_resume_matches_uninterrupted(lora_run, pretrained, tmp_path):
-  import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  from conftest import REPO, cli_env, run_module  # pylint: disable=g-import-not-at-top
+  from conftest import run_module, sigkill_after_checkpoint  # pylint: disable=g-import-not-at-top
   from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from test_train_loop import _data_state  # pylint: disable=g-import-not-at-top
   steps = 3
   straight, killed = lora_run["workdir"], str(tmp_path / "killed")  # straight: in this process
 
-  proc = subprocess.Popen([sys.executable, "-m", "md_jax.main",
-                           *_cli_args(pretrained, killed, steps, sleep=2.0)],
-                          cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 600
-  try:
-    while time.time() < deadline:
-      if ckpt_lib.latest_step_in(killed) in (1, 2):
-        break
-      if proc.poll() is not None:
-        pytest.fail("run ended before it could be killed")
-      time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up, as a crash or OOM kill
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  interrupted_at = ckpt_lib.latest_step_in(killed)
-  assert interrupted_at is not None and interrupted_at < steps
+  interrupted_at = sigkill_after_checkpoint(_cli_args(pretrained, killed, steps, sleep=2.0),
+                                            killed, (1, 2))
+  assert interrupted_at < steps
   run_module("md_jax.main", *_cli_args(pretrained, killed, steps), check=True)
 
   config = _ufogen_config(LORA_CELL, pretrained)

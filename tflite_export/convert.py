@@ -328,9 +328,9 @@ def components_from_config(config, **kw) -> tuple[dict[str, Component], Any]:
 def components_from_workdir(workdir: str, *, step: int | None = None, use_ema: bool = True,
                             **kw) -> tuple[dict[str, Component], Any, Any, int]:
   """Components from a diffusion run's Orbax checkpoint (EMA UNet params by default)."""
-  from md_jax import sample  # pylint: disable=g-import-not-at-top
+  from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   _compilation_cache(None)
-  config, ld, _, unet, frozen, step = sample.load_for_sampling(workdir, step, use_ema)
+  config, ld, _, unet, frozen, step = diff.load_for_sampling(workdir, step, use_ema)
   comps = build_components(config, ld, unet_params=unet, frozen=frozen, **kw)
   return comps, ld, config, step
 

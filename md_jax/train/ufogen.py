@@ -21,7 +21,7 @@ stands at the start of the step (the loop passes it to G's phase).
 ``finetune='lora'``: the trainable G group is ``unet_lora``, low-rank factors on the kernels
 ``config.ufogen.lora.targets`` names (models/lora.py), and the pretrained UNet is kept as
 ``frozen['unet']`` (also the ``distill`` teacher then). G = the base with the factors merged;
-sampling and export read that merged, plain UNet (``sample.load_for_sampling``).
+sampling and export read that merged, plain UNet (``train.diffusion.load_for_sampling``).
 ``disc.encoder_only``: D is the UNet's down path and middle stack with a zero-initialised logit
 head at the innermost resolution (models/unet.UNetEncoder).
 """
