@@ -2,9 +2,12 @@
 
 VAE -> low-resolution diffusion (32px) -> high-resolution diffusion (64px, initialised from the
 low-res run) -> 50-step DDIM samples for the evaluation prompts -> grid PNG and the judge's
-scores, printed and written to WORKDIR/quickstart.json. Each stage is a normal workdir
-(WORKDIR/vae, WORKDIR/lowres, WORKDIR/highres) that ``python -m md_jax.main`` could run or
-resume on its own; rerunning the quickstart resumes whatever is unfinished.
+scores -> the Android bundle of the high-res run (TFLite fp16 + int8, checked) and one LiteRT
+pipeline run per precision, all printed and written to WORKDIR/quickstart.json. Each training
+stage is a normal workdir (WORKDIR/vae, WORKDIR/lowres, WORKDIR/highres) that
+``python -m md_jax.main`` could run or resume on its own, and WORKDIR/bundle is what
+``python -m tflite_export.export --workdir=WORKDIR/highres`` writes; rerunning the quickstart
+resumes whatever is unfinished and re-exports only when the high-res checkpoint changed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ _SIZE = flags.DEFINE_enum("size", "full", ["full", "smoke", "tiny"],
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "KEY=VALUE applied to every stage's config, e.g. --override=seed=1.")
 
+_EXPORT = flags.DEFINE_bool(
+    "export", True, "End with the TFLite bundle of the high-res run (fp16, int8) and one LiteRT "
+    "pipeline run per precision.")
+
 STAGES = ("vae", "lowres", "highres")
+EXPORT_PRECISIONS = ("fp16", "int8")
+EXPORT_COMPONENTS = ("text_encoder", "unet_onestep", "decoder")
 
 
 def _apply_overrides(config, overrides):
@@ -40,7 +49,54 @@ def _apply_overrides(config, overrides):
     node[parts[-1]] = type(old)(json.loads(value)) if not isinstance(old, str) else value
 
 
-def run(workdir: str, size: str, overrides=()) -> dict:
+def export_stage(workdir: str, size: str, source_stage: str = "highres") -> dict:
+  """Bundle of WORKDIR/<source_stage> in WORKDIR/bundle (skipped when it already holds that
+  checkpoint step), then the LiteRT pipeline once per precision on the bundle's golden prompt and
+  seed, compared with the JAX one-call image stored in the bundle."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tflite_export import check as check_lib  # pylint: disable=g-import-not-at-top
+  from tflite_export import convert as conv  # pylint: disable=g-import-not-at-top
+  from tflite_export import export as export_lib  # pylint: disable=g-import-not-at-top
+  from tflite_export import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  src = os.path.join(workdir, source_stage)
+  out = os.path.join(workdir, "bundle")
+  step = ckpt_lib.latest_step_in(src)
+  manifest_path = os.path.join(out, "manifest.json")
+  manifest = None
+  if os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    if manifest.get("source", {}).get("step") != step:
+      manifest = None
+  t0 = time.time()
+  if manifest is None:
+    comps, ld, config, step = conv.components_from_workdir(
+        src, names=EXPORT_COMPONENTS, num_representative=16 if size == "full" else 4)
+    manifest = export_lib.write_bundle(
+        out, comps, ld, config, precisions=EXPORT_PRECISIONS,
+        source=dict(workdir=src, step=step, params="ema_params"), log=logging.info)
+  result = dict(dir=out, step=step, export_seconds=round(time.time() - t0, 1),
+                checks={k: bool(r["ok"]) for k, r in manifest["checks"].items()},
+                bytes={f"{c}_{p}": info["bytes"] for c, comp in manifest["components"].items()
+                       for p, info in comp["files"].items()},
+                prompt=manifest["golden"]["prompt"], seed=manifest["golden"]["seed"],
+                pipeline={})
+  golden = np.load(os.path.join(out, manifest["golden"]["file"]))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for precision in EXPORT_PRECISIONS:
+    t1 = time.time()
+    pipe = pipeline_lib.BundlePipeline(out, precision)
+    res = pipe(result["prompt"], seed=result["seed"])
+    png = os.path.join(workdir, f"bundle_pipeline_{precision}.png")
+    Image.fromarray(res["image_u8"][0]).save(png)
+    result["pipeline"][precision] = dict(
+        png=png, files=pipe.files, seconds=round(time.time() - t1, 2),
+        psnr_vs_jax_db=round(check_lib.psnr(res["image"], golden["image"]), 2))
+  return result
+
+
+def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
   from md_jax import config_loading  # pylint: disable=g-import-not-at-top
   from md_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
@@ -66,12 +122,19 @@ def run(workdir: str, size: str, overrides=()) -> dict:
     if result["preempted"]:
       print("[quickstart] preempted; rerun the same command to resume", flush=True)
       sys.exit(0)
+  if export:
+    t0 = time.time()
+    print("[quickstart] stage export: TFLite bundle (fp16, int8) of the high-res run", flush=True)
+    export_result = export_stage(workdir, size)
+    timings["export"] = round(time.time() - t0, 1)
   summary = dict(size=size, seconds=timings, total_seconds=round(time.time() - t_all, 1))
   eval_path = os.path.join(workdir, "highres", "eval.json")
   if os.path.exists(eval_path):
     with open(eval_path) as f:
       summary["eval"] = json.load(f)
   summary["vae"] = results["vae"]["eval"]
+  if export:
+    summary["export"] = export_result
   with open(os.path.join(workdir, "quickstart.json"), "w") as f:
     json.dump(summary, f, indent=1)
   _print_summary(summary, workdir)
@@ -86,12 +149,18 @@ def _print_summary(summary, workdir):
           f"cfg {ev['guidance_scale']}; grid: {ev['grid']}")
     scores = ev["scores"]
     print(json.dumps(scores, indent=1, default=str))
+  ex = summary.get("export")
+  if ex:
+    ok = all(ex["checks"].values())
+    print(f"[quickstart] bundle {ex['dir']} (step {ex['step']}): checks "
+          f"{'passed' if ok else 'FAILED'}; LiteRT vs JAX image: " + ", ".join(
+              f"{p} {r['psnr_vs_jax_db']} dB" for p, r in ex["pipeline"].items()))
   print(f"[quickstart] written: {os.path.join(workdir, 'quickstart.json')}")
 
 
 def main(argv):
   del argv
-  run(_WORKDIR.value, _SIZE.value, _OVERRIDES.value)
+  run(_WORKDIR.value, _SIZE.value, _OVERRIDES.value, export=_EXPORT.value)
 
 
 if __name__ == "__main__":

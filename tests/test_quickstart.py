@@ -24,7 +24,7 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
   workdir, proc = smoke_run
   with open(os.path.join(workdir, "quickstart.json")) as f:
     summary = json.load(f)
-  assert set(summary["seconds"]) == {"vae", "lowres", "highres"}
+  assert set(summary["seconds"]) == {"vae", "lowres", "highres", "export"}
   ev = summary["eval"]
   assert ev["sampler"] == "ddim" and ev["num_samples"] == 32
   scores = ev["scores"]
@@ -36,6 +36,18 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
   assert "eval/recon_psnr" in summary["vae"]
   # The high-res stage started from the low-res one and from the VAE's latent statistics.
   assert "[quickstart] stage highres" in proc.stdout
+  # The chain ends with the checked Android bundle of the high-res run and a LiteRT run of it.
+  ex = summary["export"]
+  assert ex["step"] == 40 and ex["dir"] == os.path.join(workdir, "bundle")
+  assert len(ex["checks"]) == 6 and all(ex["checks"].values()), ex["checks"]
+  with open(os.path.join(ex["dir"], "manifest.json")) as f:
+    manifest = json.load(f)
+  assert manifest["source"]["workdir"] == os.path.join(workdir, "highres")
+  assert ex["pipeline"]["fp16"]["psnr_vs_jax_db"] >= 40.0
+  assert ex["pipeline"]["int8"]["files"]["unet_onestep"] == "int8"
+  for r in ex["pipeline"].values():
+    assert os.path.getsize(r["png"]) > 100
+  assert "checks passed" in proc.stdout
 
 
 @pytest.mark.slow
@@ -49,6 +61,9 @@ def test_rerun_resumes_instead_of_retraining(smoke_run):
   # Nothing left to do: each finished stage reports its final.json instead of evaluating again.
   assert max(summary["seconds"].values()) < 60, summary["seconds"]
   assert "eval/recon_psnr" in summary["vae"] and summary["eval"]["num_samples"] == 32
+  # The bundle already holds the high-res run's last step: reused, not converted again.
+  assert summary["export"]["export_seconds"] < 5, summary["export"]
+  assert summary["export"]["pipeline"]["fp16"]["psnr_vs_jax_db"] >= 40.0
 
 
 @pytest.mark.slow
