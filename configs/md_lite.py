@@ -6,19 +6,10 @@ and every open choice with its reason, is MD's (configs/md.py).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _md_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "md.py")
-  spec = importlib.util.spec_from_file_location("md_jax_config_md", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from md_jax import config_loading
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return _md_module().network_config(arg, "md-lite")
+  return config_loading.config_module("md", __file__).network_config(arg, "md-lite")

@@ -20,10 +20,9 @@ topology's HBM without a TPU.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
+
+from md_jax import config_loading
 
 # The paper's progressive schedule (sec. 5.1).
 STAGES = {
@@ -35,22 +34,14 @@ STAGES = {
 FSDP = 8
 
 
-def _config_module(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"md_jax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   resolution = int(arg or 256)
   if resolution not in STAGES:
     raise ValueError(f"configs/md_pretrain.py:{arg}: stage must be one of {tuple(STAGES)}")
-  c = _config_module("md").network_config(str(resolution), "md")
+  c = config_loading.config_module("md", __file__).network_config(str(resolution), "md")
   # Objective sections (schedule, prediction, sampler) are the shapes chain's, so the pod run
   # trains exactly what the embedded run tested: v-prediction on a zero-terminal-SNR schedule.
-  shapes = _config_module("shapes").get_config("lowres")
+  shapes = config_loading.config_module("shapes", __file__).get_config("lowres")
   c.stage = f"md_pretrain_{resolution}"
   c.trainer = "diffusion"
   c.diffusion = ml_collections.ConfigDict(shapes.diffusion.to_dict())
@@ -78,17 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Precision and memory: params and optimizer state in float32, compute in bfloat16.
   c.compute_dtype = "bfloat16"
   c.unet.remat = True
-  c.mesh_shape = (-1, FSDP, 1)
-  c.mesh_axes = ("data", "fsdp", "tensor")
-  c.sharding_rules = (
-      ("embed", "fsdp"),
-      ("conv_out", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("conv_in", None),
-      ("vocab", None),
-      ("norm", None),
-  )
+  c.mesh_shape = (-1, FSDP, 1)  # axes and sharding rules: config_base's (embed/conv_out -> fsdp)
 
   # AdamW as the paper (sec. 5.1); warmup, clipping and EMA are ours (the paper does not say).
   c.optim.update(dict(name="adamw", learning_rate=1e-3, b1=0.9, b2=0.999, weight_decay=0.01,

@@ -9,23 +9,14 @@ full scale; here a fraction of the highres stage's steps.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _shapes_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("md_jax_config_shapes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from md_jax import config_loading
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size = arg or "full"
-  c = _shapes_module().get_config(f"highres,{size}")
+  c = config_loading.config_module("shapes", __file__).get_config(f"highres,{size}")
   c.stage = "relu"
   c.unet.attention = "relu"
   c.init_from = ""  # required: the softmax-attention run (e.g. QUICKSTART_DIR/highres)

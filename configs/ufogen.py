@@ -14,22 +14,12 @@ from its checkpoint. The network is the shapes highres one (configs/shapes.py).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
+from md_jax import config_loading
 from md_jax.train import ufogen
 
 SIZES = ("full", "smoke", "tiny", "md512")
-
-
-def _config_module(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"md_jax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def parse_arg(arg: str | None) -> tuple[str, str, str]:
@@ -51,9 +41,9 @@ def parse_arg(arg: str | None) -> tuple[str, str, str]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   recon, finetune, size = parse_arg(arg)
   if size == "md512":
-    c = _config_module("md_pretrain").get_config("512")
+    c = config_loading.config_module("md_pretrain", __file__).get_config("512")
   else:
-    c = _config_module("shapes").get_config(f"highres,{size}")
+    c = config_loading.config_module("shapes", __file__).get_config(f"highres,{size}")
   c.stage = "ufogen"
   c.trainer = "ufogen"
   c.init_from = ""  # required: the pretrained diffusion run

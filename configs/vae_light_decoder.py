@@ -10,19 +10,9 @@ decoder at 512x512 (benchmarks/decoder_cpu.py).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _vae_config_module():
-  """configs/vae.py, loaded by path (configs/ is a folder of files, not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vae.py")
-  spec = importlib.util.spec_from_file_location("md_jax_config_vae", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from md_jax import config_loading
 
 LIGHT_DECODER_CHANNELS = (64, 128, 256, 256)
 LIGHT_DECODER_RES_BLOCKS = 1  # + 1 per level, as the full decoder: 2 resblocks per level
@@ -38,7 +28,7 @@ def light_decoder_overrides(vae: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = _vae_config_module().get_config(arg)
+  c = config_loading.config_module("vae", __file__).get_config(arg)
   c.trainer = "vae_light_decoder"
   light_decoder_overrides(c.vae)
   c.num_train_steps = 400_000  # paper

@@ -21,14 +21,29 @@ def config_path(name: str) -> str:
   raise FileNotFoundError(f"config file {name!r} not found under ./configs or {REPO_ROOT}/configs")
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """``"configs/shapes.py:highres,smoke"`` -> the locked ConfigDict ``get_config`` returns."""
-  path, _, arg = spec.partition(":")
-  path = config_path(path)
+def config_module(name: str, near: str | None = None):
+  """``configs/NAME.py`` loaded as a module (configs/ is a folder of files, not a package).
+
+  With ``near`` (a config file's ``__file__``) NAME is looked up beside that file first, so one
+  config builds on another of the same checkout: ``config_module("md", __file__)``.
+  """
+  path = None
+  if near is not None:
+    sibling = os.path.join(os.path.dirname(os.path.abspath(near)),
+                           name if name.endswith(".py") else f"{name}.py")
+    path = sibling if os.path.exists(sibling) else None
+  path = path or config_path(name)
   module_spec = importlib.util.spec_from_file_location(
       f"md_jax_config_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``"configs/shapes.py:highres,smoke"`` -> the locked ConfigDict ``get_config`` returns."""
+  path, _, arg = spec.partition(":")
+  module = config_module(path)
   config = module.get_config(arg) if arg else module.get_config()
   config.lock()
   return config
