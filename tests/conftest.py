@@ -43,6 +43,32 @@ def run_module(module: str, *args, env=None, timeout=900, check=False):
   return proc
 
 
+def sigkill_after_checkpoint(args, workdir: str, steps, timeout: float = 600) -> int:
+  """Runs ``python -m md_jax.main *args``, SIGKILLs it (no chance to clean up, as a crash or an
+  OOM kill) once WORKDIR's latest checkpoint is one of ``steps``; returns that step."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen([sys.executable, "-m", "md_jax.main", *args], cwd=REPO, env=cli_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline:
+      if ckpt_lib.latest_step_in(workdir) in steps:
+        break
+      if proc.poll() is not None:
+        pytest.fail("run ended before it could be killed")
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  interrupted_at = ckpt_lib.latest_step_in(workdir)
+  assert interrupted_at is not None, f"no checkpoint in {workdir} before the kill"
+  return interrupted_at
+
+
 def tiny_config(stage: str = "vae", **overrides):
   from md_jax import config_loading  # pylint: disable=g-import-not-at-top
   config = config_loading.load_config(f"configs/shapes.py:{stage},tiny")

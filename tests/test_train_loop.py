@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, run_module, tiny_config
+from conftest import REPO, cli_env, run_module, sigkill_after_checkpoint, tiny_config
 from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import loop
 
@@ -147,24 +147,8 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   run_module("md_jax.main", *_main_args(straight, steps, 2), check=True)
 
-  cmd = [sys.executable, "-m", "md_jax.main", *_main_args(killed, steps, 2, sleep=1.0)]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 600
-  try:
-    while time.time() < deadline:
-      if ckpt_lib.latest_step_in(killed) in (2, 4):
-        break
-      if proc.poll() is not None:
-        pytest.fail("run ended before it could be killed")
-      time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up, as a crash or OOM kill
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  interrupted_at = ckpt_lib.latest_step_in(killed)
-  assert interrupted_at is not None and interrupted_at < steps
+  interrupted_at = sigkill_after_checkpoint(_main_args(killed, steps, 2, sleep=1.0), killed, (2, 4))
+  assert interrupted_at < steps
   run_module("md_jax.main", *_main_args(killed, steps, 2), check=True)
 
   a, step_a = _params(straight)
