@@ -72,12 +72,17 @@ def export_stage(workdir: str, size: str, source_stage: str = "highres") -> dict
   t0 = time.time()
   if manifest is None:
     comps, ld, config, step = conv.components_from_workdir(
-        src, names=EXPORT_COMPONENTS, num_representative=16 if size == "full" else 4)
+        src, names=EXPORT_COMPONENTS, num_representative=16)
+    # force: a failed check must not throw away the training before it; the failures are in the
+    # manifest and quickstart.json and printed (python -m tflite_export.export refuses instead).
     manifest = export_lib.write_bundle(
         out, comps, ld, config, precisions=EXPORT_PRECISIONS,
-        source=dict(workdir=src, step=step, params="ema_params"), log=logging.info)
+        source=dict(workdir=src, step=step, params="ema_params"), log=logging.info, force=True)
   result = dict(dir=out, step=step, export_seconds=round(time.time() - t0, 1),
                 checks={k: bool(r["ok"]) for k, r in manifest["checks"].items()},
+                check_errors={k: [f"[{e['check']}] {e['message']}" for e in r["findings"]
+                                  if e["severity"] == "error"]
+                              for k, r in manifest["checks"].items() if not r["ok"]},
                 bytes={f"{c}_{p}": info["bytes"] for c, comp in manifest["components"].items()
                        for p, info in comp["files"].items()},
                 prompt=manifest["golden"]["prompt"], seed=manifest["golden"]["seed"],
@@ -155,6 +160,9 @@ def _print_summary(summary, workdir):
     print(f"[quickstart] bundle {ex['dir']} (step {ex['step']}): checks "
           f"{'passed' if ok else 'FAILED'}; LiteRT vs JAX image: " + ", ".join(
               f"{p} {r['psnr_vs_jax_db']} dB" for p, r in ex["pipeline"].items()))
+    for f, errors in ex.get("check_errors", {}).items():
+      for e in errors:
+        print(f"[quickstart]   FAILED {f}: {e}")
   print(f"[quickstart] written: {os.path.join(workdir, 'quickstart.json')}")
 
 
