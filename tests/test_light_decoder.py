@@ -1,4 +1,5 @@
-"""Light-decoder distillation (paper sec. 3.5): frozen encoder, trained pruned decoder."""
+"""What later stages read from a VAE run: its latent statistics, and light-decoder distillation
+(paper sec. 3.5: frozen encoder, trained pruned decoder)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,34 @@ from conftest import tiny_config
 def _flat(tree):
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_latent_stats_normalise_the_latents_diffusion_trains_on(vae_workdir):
+  """The stored shift/scale must whiten posterior *samples* (what the diffusion stages encode),
+  not only posterior means: a 4-step VAE's posterior std is ~1 while its means barely spread, so
+  mean-based statistics would leave normalised latents with variance far above 1."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  config = tiny_config("vae")
+  spec = vae_obj.vae_spec(config)
+  c = int(config.vae.latent_channels)
+  stats_abs = {k: jax.ShapeDtypeStruct((c,), np.float32) for k in ("latent_shift", "latent_scale")}
+  got, _ = ckpt_lib.restore_subset(
+      vae_workdir, {"ema_params": {"vae": spec.abstract_params}, "frozen": stats_abs})
+  it = vae_obj.make_data_iterator(config, 0, 1, split="eval", seed_offset=123, caption_dropout=0.0)
+  images = np.concatenate([np.asarray(next(it)["image"], np.float32) for _ in range(4)])
+  mean, logvar = jax.jit(lambda p, x: spec.bind(p).encode(x))(got["ema_params"]["vae"], images)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(5), mean.shape)
+  zn = (np.asarray(z) - np.asarray(got["frozen"]["latent_shift"])) / np.asarray(
+      got["frozen"]["latent_scale"])
+  var = zn.reshape(-1, c).var(axis=0)
+  assert np.all((var > 0.6) & (var < 1.6)), var
+  assert np.all(np.abs(zn.reshape(-1, c).mean(axis=0)) < 0.3)
+  # The posterior noise is a real part of that variance here (so the test tells the two apart).
+  mean_only = (np.asarray(mean) - np.asarray(got["frozen"]["latent_shift"])) / np.asarray(
+      got["frozen"]["latent_scale"])
+  assert mean_only.reshape(-1, c).var(axis=0).mean() < 0.8 * var.mean()
 
 
 def test_light_decoder_config_shapes():

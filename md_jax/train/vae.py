@@ -341,7 +341,13 @@ class VAEObjective(_Perceptual, loop.Objective):
     return state["ema_params"] if state.get("ema_params") is not None else state["params"]
 
   def finalize(self, state):
-    """Measures per-channel latent mean/std on fresh data and stores them in ``frozen``."""
+    """Measures per-channel latent mean/std on fresh data and stores them in ``frozen``.
+
+    Measured on posterior samples z = mean + std * eps, the latents the diffusion stages train
+    on (as SD's scale factor was), not on the posterior means: where the posterior std is not
+    small next to the spread of the means, mean-based statistics under-scale and the diffusion
+    stage sees latents of variance well above 1 (its v-loss then starts above the trivial 1.0).
+    """
     cfg = self.config
     it = make_data_iterator(cfg, jax.process_index(), jax.process_count(), split="eval",
                             seed_offset=7919, caption_dropout=0.0)
@@ -349,17 +355,19 @@ class VAEObjective(_Perceptual, loop.Objective):
     mesh = self.mesh
 
     @jax.jit
-    def moments(params, x):
+    def moments(params, x, rng):
       mean, logvar = spec.bind(params["vae"]).encode(x)
-      z = mean.astype(jnp.float32)
+      mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, jnp.float32)
       return jnp.mean(z, axis=(0, 1, 2)), jnp.mean(jnp.square(z), axis=(0, 1, 2))
 
     params = self._params_for_eval(state)
     m1, m2 = [], []
-    for _ in range(int(cfg.vae.stats_batches)):
+    key = jax.random.key(int(cfg.seed) + 7919)
+    for i in range(int(cfg.vae.stats_batches)):
       el = next(it)
       x = shd.global_batch_from_local({"image": np.asarray(el["image"], np.float32)}, mesh)
-      a, b = moments(params, x["image"])
+      a, b = moments(params, x["image"], jax.random.fold_in(key, i))
       m1.append(np.asarray(a))
       m2.append(np.asarray(b))
     mu = np.mean(m1, axis=0)
