@@ -34,7 +34,7 @@ def vae_config() -> ml_collections.ConfigDict:
       train_crop=256,  # fully convolutional: 256px crops of the 512px images
       recon_loss="l2",  # paper: L2 reconstruction
       grad_loss_weight=0.0,
-      kl_weight=1e-6,  # SD's KL weight
+      kl_weight=1e-6,  # SD's, in its convention (train/vae.kl_term_weight)
       stats_batches=32,  # batches that measure the per-channel latent shift/scale
   ))
   v.adversarial = vae_trainer.default_adversarial_config()

@@ -139,7 +139,9 @@ def test_vae_gan_term_switches_on_at_start_step():
 
   before, mb = parts(2)
   after, ma = parts(3)
-  base = mb["mse"] + float(config.vae.kl_weight) * mb["kl"]
+  # kl_weight is in SD's convention (against the per-image SUM of errors); our mse averages over
+  # the 32x32x3 values, so the KL enters divided by them.
+  base = mb["mse"] + float(config.vae.kl_weight) / (32 * 32 * 3) * mb["kl"]
   assert mb["adv_weight"] == 0.0 and before == pytest.approx(base, rel=1e-5)
   assert ma["adv_weight"] == 0.5
   assert after == pytest.approx(base + ma["d_loss"] + 0.5 * ma["g_adv"], rel=1e-5)

@@ -203,6 +203,18 @@ def train_crop(config, images, rng):
                      vae_lib.downsample_factor(config.vae), rng)
 
 
+def kl_term_weight(config, image_shape) -> float:
+  """The KL's weight against our per-value mean reconstruction loss.
+
+  ``config.vae.kl_weight`` is in SD's convention (its 1e-6 is the paper's VAE recipe): there the
+  reconstruction error is summed over an image's H*W*C values and the KL (summed over latent
+  values) is added with that weight. Our reconstruction terms average over the values instead,
+  so the same balance needs the weight divided by H*W*C of the trained images (crops).
+  """
+  _, h, w, c = image_shape
+  return float(config.vae.kl_weight) / float(h * w * c)
+
+
 def reconstruction_terms(config, recon, x):
   """(reconstruction loss as config.vae.recon_loss + grad_loss_weight ask, metrics dict).
 
@@ -298,7 +310,7 @@ class VAEObjective(_Perceptual, loop.Objective):
     recon_loss, metrics = reconstruction_terms(self.config, recon, x)
     kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar,
                                 axis=(1, 2, 3)))
-    loss = recon_loss + float(self.config.vae.kl_weight) * kl
+    loss = recon_loss + kl_term_weight(self.config, x.shape) * kl
     metrics["kl"] = kl
     if self.lpips is not None:
       metrics["lpips"] = self._perceptual_loss(frozen, recon, x)
