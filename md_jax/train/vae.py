@@ -206,10 +206,11 @@ def train_crop(config, images, rng):
 def kl_term_weight(config, image_shape) -> float:
   """The KL's weight against our per-value mean reconstruction loss.
 
-  ``config.vae.kl_weight`` is in SD's convention (its 1e-6 is the paper's VAE recipe): there the
-  reconstruction error is summed over an image's H*W*C values and the KL (summed over latent
-  values) is added with that weight. Our reconstruction terms average over the values instead,
-  so the same balance needs the weight divided by H*W*C of the trained images (crops).
+  ``config.vae.kl_weight`` is in SD's convention (the paper gives no weight; SD's VAE used
+  1e-6): there the reconstruction error is summed over an image's H*W*C values and the KL
+  (summed over latent values) is added with that weight. Our reconstruction terms average over
+  the values instead, so the same balance needs the weight divided by H*W*C of the trained
+  images (crops).
   """
   _, h, w, c = image_shape
   return float(config.vae.kl_weight) / float(h * w * c)
