@@ -49,7 +49,7 @@ def _apply_overrides(config, overrides):
     node[parts[-1]] = type(old)(json.loads(value)) if not isinstance(old, str) else value
 
 
-def export_stage(workdir: str, size: str, source_stage: str = "highres") -> dict:
+def export_stage(workdir: str, source_stage: str = "highres") -> dict:
   """Bundle of WORKDIR/<source_stage> in WORKDIR/bundle (skipped when it already holds that
   checkpoint step), then the LiteRT pipeline once per precision on the bundle's golden prompt and
   seed, compared with the JAX one-call image stored in the bundle."""
@@ -130,7 +130,7 @@ def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
   if export:
     t0 = time.time()
     print("[quickstart] stage export: TFLite bundle (fp16, int8) of the high-res run", flush=True)
-    export_result = export_stage(workdir, size)
+    export_result = export_stage(workdir)
     timings["export"] = round(time.time() - t0, 1)
   summary = dict(size=size, seconds=timings, total_seconds=round(time.time() - t_all, 1))
   eval_path = os.path.join(workdir, "highres", "eval.json")

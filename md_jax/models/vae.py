@@ -59,6 +59,12 @@ def tiny_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def sample_posterior(mean: Array, logvar: Array, rng: jax.Array) -> Array:
+  """z = mean + exp(logvar / 2) * N(0, I): the latents the VAE decodes in training and every
+  later stage (diffusion, light decoder, latent statistics) reads."""
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
 def downsample_factor(cfg) -> int:
   return 2 ** (len(cfg.channels) - 1)
 
@@ -183,5 +189,4 @@ class VAE(nnx.Module):
 
   def __call__(self, x: Array, rng: jax.Array) -> tuple[Array, Array, Array]:
     mean, logvar = self.encode(x)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-    return self.decode(z), mean, logvar
+    return self.decode(sample_posterior(mean, logvar, rng)), mean, logvar

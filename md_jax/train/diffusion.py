@@ -99,7 +99,7 @@ class LatentDiffusion:
 
   def encode_images(self, frozen, images, rng):
     mean, logvar = self.vae.bind(frozen["vae"]).encode(images)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    z = vae_lib.sample_posterior(mean, logvar, rng)
     z = (z.astype(jnp.float32) - frozen["latent_shift"]) / frozen["latent_scale"]
     return jax.lax.stop_gradient(z)
 

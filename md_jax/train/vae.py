@@ -371,7 +371,7 @@ class VAEObjective(_Perceptual, loop.Objective):
     def moments(params, x, rng):
       mean, logvar = spec.bind(params["vae"]).encode(x)
       mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, jnp.float32)
+      z = vae_lib.sample_posterior(mean, logvar, rng)
       return jnp.mean(z, axis=(0, 1, 2)), jnp.mean(jnp.square(z), axis=(0, 1, 2))
 
     params = self._params_for_eval(state)
@@ -532,7 +532,7 @@ class LightDecoderObjective(VAEObjective):
     crop_rng, rng = jax.random.split(rng)
     x = train_crop(self.config, batch["image"], crop_rng)
     mean, logvar = self.encoder.bind(jax.lax.stop_gradient(frozen["encoder"]))(x)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    z = vae_lib.sample_posterior(mean, logvar, rng)
     z = jax.lax.stop_gradient(z)
     recon = self.decoder.bind(params[LIGHT_DECODER])(z).astype(jnp.float32)
     loss, metrics = reconstruction_terms(self.config, recon, x)
