@@ -69,6 +69,14 @@ def sigkill_after_checkpoint(args, workdir: str, steps, timeout: float = 600) ->
   return interrupted_at
 
 
+# A two-level UNet (FullConv level, then SPConv with SA + CA): every UNet block type in a third
+# of the tiny shapes UNet's ops. Tests whose cost is compiling diffusion or GAN steps use it.
+MICRO_UNET = {"unet.channels": (8, 16), "unet.down_blocks": (1, 1), "unet.up_blocks": (2, 2),
+              "unet.down_conv": ("full", "sep"), "unet.up_conv": ("full", "sep"),
+              "unet.down_depth": (0, 1), "unet.up_depth": (0, 1), "unet.self_attn": (False, True),
+              "unet.time_embed_dim": 16}
+
+
 def tiny_config(stage: str = "vae", **overrides):
   from md_jax import config_loading  # pylint: disable=g-import-not-at-top
   config = config_loading.load_config(f"configs/shapes.py:{stage},tiny")

@@ -18,27 +18,34 @@ from md_jax.train import checkpoint as ckpt_lib
 EIGHT = "--xla_force_host_platform_device_count=8"
 
 
-def _mesh_step(stage, tmp_path, vae_workdir=""):
+def _mesh_step(tmp_path, *jobs):
+  """tests/helpers/mesh_step.py's 1-device vs 8-device comparison of each job, in one process."""
   env = cli_env(XLA_FLAGS=EIGHT)
   cmd = [sys.executable, os.path.join(REPO, "tests", "helpers", "mesh_step.py"),
-         os.path.join(REPO, "tests"), stage, str(tmp_path)]
-  if vae_workdir:
-    cmd.append(vae_workdir)
+         os.path.join(REPO, "tests"), str(tmp_path), *jobs]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  return [got[job] for job in jobs]
 
 
-def test_vae_step_same_on_one_and_eight_devices(tmp_path):
-  r = _mesh_step("vae", tmp_path)
+@pytest.fixture(scope="module")
+def vae_and_diffusion_steps(tmp_path_factory, vae_workdir):
+  """The VAE step and a low-res diffusion step (micro UNet) on 1 and on 8 devices."""
+  return _mesh_step(tmp_path_factory.mktemp("mesh"), "vae", f"lowres:{vae_workdir}")
+
+
+def test_vae_step_same_on_one_and_eight_devices(vae_and_diffusion_steps):
+  r = vae_and_diffusion_steps[0]
   assert r["fsdp_sharded_params"] > 0, "the 8-device run should really shard params over fsdp"
   assert abs(r["loss1"] - r["loss8"]) <= 1e-5 * max(1.0, abs(r["loss1"]))
   assert r["max_param_diff"] <= 1e-5 * max(1.0, r["param_scale"])
 
 
 @pytest.mark.slow
-def test_diffusion_step_same_on_one_and_eight_devices(tmp_path, vae_workdir):
-  r = _mesh_step("lowres", tmp_path, vae_workdir)
+def test_diffusion_step_same_on_one_and_eight_devices(vae_and_diffusion_steps):
+  r = vae_and_diffusion_steps[1]
+  assert r["groups"] == ["unet"]
   assert r["fsdp_sharded_params"] > 0
   assert abs(r["loss1"] - r["loss8"]) <= 1e-5 * max(1.0, abs(r["loss1"]))
   assert r["max_param_diff"] <= 1e-5 * max(1.0, r["param_scale"])

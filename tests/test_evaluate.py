@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli_env, run_module, tiny_config
+from conftest import MICRO_UNET, cli_env, run_module, tiny_config
 from md_jax import evaluate
 from md_jax.train import loop
 
-# The UNet of tests/test_ufogen.py: every block type, a third of the tiny shapes UNet's ops.
-MICRO_UNET = {"unet.channels": (8, 16), "unet.down_blocks": (1, 1), "unet.up_blocks": (2, 2),
-              "unet.down_conv": ("full", "sep"), "unet.up_conv": ("full", "sep"),
-              "unet.down_depth": (0, 1), "unet.up_depth": (0, 1), "unet.self_attn": (False, True),
-              "unet.time_embed_dim": 16}
 ARGS = dict(sampler="dpmpp2m", num_steps=3, cfg_scales=[1.0, 3.0], num_samples=8, batch_size=8)
 
 

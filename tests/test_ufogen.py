@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import set_keys, tiny_config
+from conftest import MICRO_UNET, set_keys, tiny_config
 from md_jax import config_loading
 from md_jax.diffusion import samplers
 from md_jax.train import loop
@@ -16,15 +16,8 @@ from md_jax.train import sharding as shd
 from md_jax.train import ufogen
 
 
-# A two-level UNet (FullConv level, then SPConv with SA + CA): every UNet piece, a third of the
-# tiny shapes UNet's ops. The GAN step holds three UNet passes and two backward passes, and its
+# The GAN step holds three UNet passes and two backward passes of conftest.MICRO_UNET; its
 # trace and lowering dominate these tests.
-MICRO_UNET = {"unet.channels": (8, 16), "unet.down_blocks": (1, 1), "unet.up_blocks": (2, 2),
-              "unet.down_conv": ("full", "sep"), "unet.up_conv": ("full", "sep"),
-              "unet.down_depth": (0, 1), "unet.up_depth": (0, 1), "unet.self_attn": (False, True),
-              "unet.time_embed_dim": 16}
-
-
 LORA_CELL = "diffusion,lora,tiny"
 
 
@@ -355,7 +348,7 @@ def test_remaining_table5_cells_run_a_step(arg, pretrained, tmp_path):
 @pytest.mark.slow
 def test_gan_step_same_on_one_and_eight_devices(pretrained, tmp_path):
   from test_distributed import _mesh_step  # pylint: disable=g-import-not-at-top
-  r = _mesh_step("ufogen:ema,lora,tiny", tmp_path, pretrained)
+  r = _mesh_step(tmp_path, f"ufogen:ema,lora,tiny:{pretrained}")[0]
   assert r["groups"] == ["disc", "unet_lora"]
   assert r["fsdp_sharded_params"] > 0, "the 8-device run should really shard params over fsdp"
   for name, loss in r["losses1"].items():  # D's loss and G's

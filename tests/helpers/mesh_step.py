@@ -3,9 +3,12 @@
 Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8; prints one JSON
 line with the max differences of loss and updated params between the two meshes.
 
-``mesh_step.py TESTS_DIR STAGE WORKDIR [VAE_WORKDIR]`` for a configs/shapes.py stage;
-``mesh_step.py TESTS_DIR ufogen:ARG WORKDIR PRETRAINED_WORKDIR`` for a GAN step of
-configs/ufogen.py:ARG (the test_ufogen settings) finetuning PRETRAINED_WORKDIR.
+``mesh_step.py TESTS_DIR WORKDIR JOB [JOB ...]``, one process for all jobs (one JAX start-up),
+printing one JSON object keyed by job. A JOB is
+  STAGE[:VAE_WORKDIR]              a configs/shapes.py tiny stage (diffusion stages with the
+                                   micro UNet of conftest.MICRO_UNET, reading VAE_WORKDIR);
+  ufogen:ARG:PRETRAINED_WORKDIR    a GAN step of configs/ufogen.py:ARG (the test_ufogen settings)
+                                   finetuning PRETRAINED_WORKDIR.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, sys.argv[1])  # tests/ for conftest helpers
-from conftest import tiny_config  # noqa: E402
+from conftest import MICRO_UNET, tiny_config  # noqa: E402
 from md_jax.train import loop  # noqa: E402
 from md_jax.train import sharding as shd  # noqa: E402
 
@@ -37,17 +40,16 @@ def one_step(config, workdir, mesh):
   return (losses, jax.device_get(new_state["params"]), specs)
 
 
-def main():
-  stage, workdir = sys.argv[2], sys.argv[3]
-  extra = sys.argv[4] if len(sys.argv) > 4 else ""
-  assert jax.device_count() == 8, jax.devices()
-  if stage.startswith("ufogen:"):
+def compare(job, workdir):
+  if job.startswith("ufogen:"):
     from test_ufogen import _ufogen_config  # pylint: disable=g-import-not-at-top
-    config = _ufogen_config(stage.split(":", 1)[1], extra)
+    _, arg, pretrained = job.split(":", 2)
+    config = _ufogen_config(arg, pretrained)
   else:
-    config = tiny_config(stage)
+    stage, _, vae_workdir = job.partition(":")
+    config = tiny_config(stage, **(MICRO_UNET if vae_workdir else {}))
     with config.unlocked():
-      config.vae_workdir = extra
+      config.vae_workdir = vae_workdir
   with config.unlocked():
     config.mesh_shape = (4, 2, 1)
   mesh8 = shd.make_mesh(config.mesh_shape, config.mesh_axes)
@@ -59,9 +61,15 @@ def main():
            for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8))]
   scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(params1))
   sharded = sum("fsdp" in s for s in specs8.values())
-  print(json.dumps(dict(loss1=loss1, loss8=loss8, max_param_diff=max(diffs), param_scale=scale,
-                        fsdp_sharded_params=sharded, num_params=len(specs8), losses1=losses1,
-                        losses8=losses8, groups=sorted(params1))))
+  return dict(loss1=loss1, loss8=loss8, max_param_diff=max(diffs), param_scale=scale,
+              fsdp_sharded_params=sharded, num_params=len(specs8), losses1=losses1,
+              losses8=losses8, groups=sorted(params1))
+
+
+def main():
+  workdir, jobs = sys.argv[2], sys.argv[3:]
+  assert jax.device_count() == 8, jax.devices()
+  print(json.dumps({job: compare(job, f"{workdir}/{i}") for i, job in enumerate(jobs)}))
 
 
 if __name__ == "__main__":
