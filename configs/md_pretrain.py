@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage = f"md_pretrain_{resolution}"
   c.trainer = "diffusion"
   c.diffusion = ml_collections.ConfigDict(shapes.diffusion.to_dict())
+  c.diffusion.snr_shift = 1.0  # the scaled_linear schedule at the latent size it was made for
   c.sample = ml_collections.ConfigDict(shapes.sample.to_dict())
   c.update(STAGES[resolution])
 

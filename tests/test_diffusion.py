@@ -63,6 +63,29 @@ def test_schedule_zero_terminal_snr():
   assert z.betas.dtype == jnp.float32 and z.num_timesteps == 1000
 
 
+@pytest.mark.parametrize("ztsnr", [True, False])
+def test_snr_shift_multiplies_every_snr(ztsnr):
+  import ml_collections
+
+  base = _sched(ztsnr=ztsnr)
+  shifted = sch.NoiseSchedule.from_config(ml_collections.ConfigDict(dict(
+      zero_terminal_snr=ztsnr, snr_shift=64.0)))
+  t = np.arange(999)  # every timestep but the terminal one
+  # (rtol: snr = ab / (1 - ab) in float32 near t = 0, where ab is within 1e-3 of 1)
+  np.testing.assert_allclose(sch.snr(shifted, t), 64.0 * sch.snr(base, t), rtol=1e-3)
+  if ztsnr:
+    assert float(sch.snr(shifted, 999)) == 0.0
+  else:
+    np.testing.assert_allclose(sch.snr(shifted, 999), 64.0 * sch.snr(base, 999), rtol=1e-5)
+  # alphas_cumprod stays the running product of 1 - betas, and alpha^2 + sigma^2 = 1.
+  np.testing.assert_allclose(np.cumprod(1.0 - np.asarray(shifted.betas, np.float64)),
+                             shifted.alphas_cumprod, atol=1e-6)
+  np.testing.assert_allclose(shifted.sqrt_alphas_cumprod**2
+                             + shifted.sqrt_one_minus_alphas_cumprod**2, 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="snr_shift"):
+    sch.NoiseSchedule.create(snr_shift=0.0)
+
+
 def test_schedule_from_config_and_errors():
   import ml_collections
 
