@@ -1,0 +1,119 @@
+"""Will the paper-size runs fit? The AOT compile of each pod stage for several TPU slices, as a table.
+
+``JAX_PLATFORMS=cpu .venv-tpu-aot/bin/python benchmarks/aot_table.py [--out aot_table.jsonl]
+    [--cases md256@v5e:4x4,...] [--timeout 1800]``
+
+Each case runs ``python -m md_jax.tools.aot_compile`` (the loop's real sharded train step,
+compiled by libtpu for a topology described on this machine) in its own process with its own
+time limit, and appends the JSON report (or the error / timeout) to ``--out``; cases already in
+``--out`` are not compiled again, so an interrupted table resumes. The table printed at the end
+(markdown) has per-chip batch, per-chip memory against HBM, whether it fits, the step's TFLOPs
+per chip and its time at the chip's bf16 peak, and the compile time here.
+
+A case is STAGE@TOPOLOGY[+VARIANT]: STAGE one of md256, md512, ufogen512 (the paper's global
+batches 4096 / 2048 / 2048), VARIANT one of ``remat`` (unet.remat), ``accK`` (K micro-batches)
+or both (``remat+acc2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = {
+    "md256": ["--config=configs/md_pretrain.py:256"],
+    "md512": ["--config=configs/md_pretrain.py:512"],
+    # UFOGen insists on init_from; the compile never reads it.
+    "ufogen512": ["--config=configs/ufogen.py:md512", "--config.init_from=/nonexistent"],
+}
+DEFAULT_CASES = ("md256@v5e:4x4,md512@v5e:4x4,ufogen512@v5e:4x4,"
+                 "md256@v5p:4x4x4,md512@v5p:4x4x4,ufogen512@v5p:4x4x4,"
+                 "md256@v6e:4x4,md512@v6e:4x4,ufogen512@v6e:4x4")
+
+
+def case_args(case: str) -> list[str]:
+  stage, _, rest = case.partition("@")
+  topology, *variants = rest.split("+")
+  if stage not in STAGES or not topology:
+    raise ValueError(f"case {case!r}: want STAGE@TOPOLOGY[+VARIANT], STAGE in {sorted(STAGES)}")
+  args = [*STAGES[stage], f"--topology={topology}"]
+  for v in variants:
+    if v == "remat":
+      args.append("--config.unet.remat=True")
+    elif v.startswith("acc") and v[3:].isdigit():
+      args.append(f"--config.optim.grad_accum_steps={int(v[3:])}")
+    else:
+      raise ValueError(f"case {case!r}: unknown variant {v!r} (remat, accK)")
+  return args
+
+
+def run_case(case: str, timeout: float) -> dict:
+  cmd = [sys.executable, "-m", "md_jax.tools.aot_compile", *case_args(case)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  t0 = time.time()
+  try:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return dict(case=case, error=f"compile did not finish in {timeout:.0f}s")
+  wall = round(time.time() - t0, 1)
+  if proc.returncode != 0:
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    return dict(case=case, error=(lines[-1] if lines else f"exit {proc.returncode}"), wall_s=wall)
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  return dict(case=case, wall_s=wall, **report)
+
+
+def table(rows: list[dict]) -> str:
+  head = ("| case | chips | mesh (data, fsdp, tensor) | per-chip batch | accum | remat | "
+          "GiB/chip (args + temps) | HBM | fits | step TFLOP/chip | s at peak | compile s |")
+  out = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    if "error" in r:
+      out.append(f"| {r['case']} | | | | | | {r['error']} | | | | | |")
+      continue
+    m, mesh = r["memory_gib"], r["mesh"]
+    out.append(
+        f"| {r['case']} | {r['chips']} | {tuple(mesh.values())} | {r['per_chip_batch']} | "
+        f"{r['grad_accum_steps']} | {r['remat']} | {m['total']:.2f} ({m['arguments']:.2f} + "
+        f"{m['temporaries']:.2f}) | {r['hbm_gib']} | {'yes' if r['fits'] else 'NO'} | "
+        f"{r['step_tflops_per_chip']:.1f} | {r['step_s_at_peak']} | {r['compile_s']} |")
+  return "\n".join(out)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--cases", default=DEFAULT_CASES)
+  ap.add_argument("--out", default="aot_table.jsonl")
+  ap.add_argument("--timeout", type=float, default=1800)
+  a = ap.parse_args()
+  cases = [c for c in a.cases.split(",") if c]
+  for c in cases:
+    case_args(c)  # every case is checked before the first long compile
+  done = {}
+  if os.path.exists(a.out):
+    with open(a.out) as f:
+      for line in f:
+        if line.strip():
+          r = json.loads(line)
+          done[r["case"]] = r
+  for c in cases:
+    if c in done:
+      continue
+    print(f"[aot_table] {c} ...", file=sys.stderr, flush=True)
+    r = run_case(c, a.timeout)
+    print(f"[aot_table] {c}: {r.get('error') or ('fits' if r['fits'] else 'does NOT fit')}"
+          f" ({r.get('wall_s', a.timeout)} s)", file=sys.stderr, flush=True)
+    done[c] = r
+    with open(a.out, "a") as f:
+      f.write(json.dumps(r) + "\n")
+  print(table([done[c] for c in cases]))
+
+
+if __name__ == "__main__":
+  main()
