@@ -137,7 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prediction_type="v",
       loss_weighting="none",
       min_snr_gamma=5.0,
-      snr_shift=1.0,  # multiplies every timestep's SNR (diffusion/schedule.py)
+      snr_shift=1.0,  # x SNR at every t; 64 and 0.25 both measured far worse (schedule.py)
   ))
 
   c.sample = ml_collections.ConfigDict(dict(

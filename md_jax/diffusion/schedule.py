@@ -72,9 +72,11 @@ class NoiseSchedule:
       snr_shift: float = 1.0,
   ) -> "NoiseSchedule":
     """``snr_shift`` s multiplies every timestep's SNR (log-SNR + log s; a zero terminal SNR
-    stays zero): s > 1 for latents much smaller than the schedule was designed for (SD's
-    scaled_linear: 64x64), where the same noise destroys more of the image (simple diffusion,
-    Hoogeboom et al. 2023, shift by (64/d)^2 for a d x d input)."""
+    stays zero). Simple diffusion (Hoogeboom et al. 2023) shifts by (64/d)^2 for a d x d input
+    when a schedule made for 64x64 (SD's scaled_linear) is used at another size. On the shapes
+    quickstart (8x8 latents, 1000 steps) s = 1 is clearly best: s = 64 and s = 0.25 both drop
+    judged colour from 58% to under 10% (the first leaves high noise untrained, the second low
+    noise: cluttered backgrounds)."""
     if prediction_type not in PREDICTION_TYPES:
       raise ValueError(f"Unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
     if not snr_shift > 0:
