@@ -7,7 +7,8 @@ Each case runs ``python -m md_jax.tools.aot_compile`` (the loop's real sharded t
 compiled by libtpu for a topology described on this machine) in its own process with its own
 time limit, and appends the JSON report (or the error / timeout) to ``--out``; cases already in
 ``--out`` are not compiled again, so an interrupted table resumes. The table printed at the end
-(markdown) has per-chip batch, per-chip memory against HBM, whether it fits, the step's TFLOPs
+(markdown) has per-chip batch, per-chip memory against HBM (total = arguments + temporaries +
+output not aliased to donated arguments + code), whether it fits, the step's TFLOPs
 per chip and its time at the chip's bf16 peak, and the compile time here.
 
 A case is STAGE@TOPOLOGY[+VARIANT]: STAGE one of md256, md512, ufogen512 (the paper's global
@@ -71,7 +72,7 @@ def run_case(case: str, timeout: float) -> dict:
 
 def table(rows: list[dict]) -> str:
   head = ("| case | chips | mesh (data, fsdp, tensor) | per-chip batch | accum | remat | "
-          "GiB/chip (args + temps) | HBM | fits | step TFLOP/chip | s at peak | compile s |")
+          "GiB/chip: total (args, temps) | HBM | fits | step TFLOP/chip | s at peak | compile s |")
   out = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if "error" in r:
@@ -80,7 +81,7 @@ def table(rows: list[dict]) -> str:
     m, mesh = r["memory_gib"], r["mesh"]
     out.append(
         f"| {r['case']} | {r['chips']} | {tuple(mesh.values())} | {r['per_chip_batch']} | "
-        f"{r['grad_accum_steps']} | {r['remat']} | {m['total']:.2f} ({m['arguments']:.2f} + "
+        f"{r['grad_accum_steps']} | {r['remat']} | {m['total']:.2f} ({m['arguments']:.2f}, "
         f"{m['temporaries']:.2f}) | {r['hbm_gib']} | {'yes' if r['fits'] else 'NO'} | "
         f"{r['step_tflops_per_chip']:.1f} | {r['step_s_at_peak']} | {r['compile_s']} |")
   return "\n".join(out)

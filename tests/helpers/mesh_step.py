@@ -1,7 +1,7 @@
 """Runs one train step of a tiny config on a 1-device mesh and on a data x fsdp mesh.
 
-Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8; prints one JSON
-line with the max differences of loss and updated params between the two meshes.
+Run as a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8; for each job,
+the max differences of loss and updated params between the two meshes.
 
 ``mesh_step.py TESTS_DIR WORKDIR JOB [JOB ...]``, one process for all jobs (one JAX start-up),
 printing one JSON object keyed by job. A JOB is
@@ -47,7 +47,7 @@ def compare(job, workdir):
     config = _ufogen_config(arg, pretrained)
   else:
     stage, _, vae_workdir = job.partition(":")
-    config = tiny_config(stage, **(MICRO_UNET if vae_workdir else {}))
+    config = tiny_config(stage, **({} if stage == "vae" else MICRO_UNET))
     with config.unlocked():
       config.vae_workdir = vae_workdir
   with config.unlocked():
