@@ -61,6 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,  # micro-batches per step (same global batch, 1/k the activations)
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, max_to_keep=3, async_save=True))
+  # Held-out loss: the objective's loss on num_batches fixed batches of held-out data with fixed
+  # noise (same draws at every evaluation), so it is comparable across steps and runs, unlike the
+  # training loss. Logged as val/loss (and val/loss_ema) at the start of a fresh run, every
+  # `every` steps (0: start and end only) and at the end; also appended to WORKDIR/val.jsonl.
+  c.val = ml_collections.ConfigDict(dict(num_batches=0, every=0, seed=0))
   # Test hooks: poison the loss at one step; slow every step down (to interrupt a run mid-way).
   c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1, step_sleep_s=0.0))
   return c

@@ -311,6 +311,10 @@ class DiffusionObjective(loop.Objective):
     return vae_obj.make_data_iterator(self.config, process_index, process_count,
                                       text_cache=text_cache_dir(self.config) or None)
 
+  def validation_iterator(self, process_index, process_count):
+    # No text cache: it is keyed by training records; the step's frozen tower encodes captions.
+    return vae_obj.validation_data_iterator(self.config, process_index, process_count)
+
   def host_batch(self, element):
     out = {"image": np.asarray(element["image"], np.float32),
            "input_ids": np.asarray(element["input_ids"], np.int32)}

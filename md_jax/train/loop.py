@@ -118,6 +118,11 @@ class Objective(abc.ABC):
   def data_iterator(self, process_index: int, process_count: int):
     """A checkpointable iterator of this process's rows of each global batch."""
 
+  def validation_iterator(self, process_index: int, process_count: int):
+    """This process's rows of held-out batches for ``config.val`` (same layout as training)."""
+    raise ValueError(f"config.val.num_batches={self.config.val.num_batches}: the "
+                     f"{self.config.trainer!r} trainer has no held-out loss; set it to 0")
+
   def host_batch(self, element: dict) -> dict[str, np.ndarray]:
     """The arrays of one data element the step consumes (dropping strings and such)."""
     return {k: np.asarray(v) for k, v in element.items()
@@ -291,6 +296,7 @@ class Trainer:
     self.rules = shd.rules_dict(config.sharding_rules)
     self._build_shardings()
     self._compiled_step = None
+    self._val_fn = None
     self.step_flops = 0.0
 
   # -- state ---------------------------------------------------------------------------------
@@ -326,10 +332,15 @@ class Trainer:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         self.abstract_state, self.state_shardings)
 
-  def init_state(self) -> dict:
-    """Fresh state, created directly with its shardings (no host copy of the full model)."""
+  def init_state(self, frozen: dict | None = None, random_init: bool = False) -> dict:
+    """Fresh state, created directly with its shardings (no host copy of the full model).
+
+    ``frozen``: arrays to use for the frozen part instead of ``objective.init_frozen`` (which
+    reads them from earlier runs' workdirs); ``random_init``: random trainable params even where
+    ``config.init_from`` names a run. Benchmarks use both to run a stage with nothing on disk.
+    """
     obj = self.objective
-    init_from = obj.load_init_from(self.abstract_state_sharded)
+    init_from = None if random_init else obj.load_init_from(self.abstract_state_sharded)
     ema_groups = self.ema_groups
 
     def make(rng, loaded):
@@ -347,7 +358,7 @@ class Trainer:
     state = jax.jit(make, out_shardings=out_sh,
                     compiler_options=state_lib.init_compiler_options())(
                         jax.random.key(self.config.seed), init_from)
-    state["frozen"] = obj.init_frozen(self.frozen_shardings)
+    state["frozen"] = obj.init_frozen(self.frozen_shardings) if frozen is None else frozen
     return state
 
   # -- step ------------------------------------------------------------------------------------
@@ -455,6 +466,32 @@ class Trainer:
     return compiled
 
 
+  # -- held-out loss ---------------------------------------------------------------------------
+  def validation_loss(self, state: dict, host_batches: list[dict]) -> dict[str, float]:
+    """Mean objective loss over ``host_batches`` (this process's rows of each), with the
+    training params and, when kept, the EMA params. Batch i always draws its noise from
+    ``fold_in(key(config.val.seed), i)``, so the value moves only when the params do."""
+    if self._val_fn is None:
+      rep = shd.replicated(self.mesh)
+
+      def fn(params, frozen, batch, rng, step):
+        return self.objective.loss(params, frozen, batch, rng, step)[0].astype(jnp.float32)
+
+      self._val_fn = jax.jit(fn, out_shardings=rep)
+    key = jax.random.key(int(self.config.val.seed))
+    weights = {"val/loss": state["params"]}
+    if state.get("ema_params") is not None:
+      weights["val/loss_ema"] = {**state["params"], **state["ema_params"]}
+    sums = {name: 0.0 for name in weights}
+    for i, host in enumerate(host_batches):
+      batch = shd.global_batch_from_local(host, self.mesh)
+      for name, params in weights.items():
+        loss = self._val_fn(params, state["frozen"], batch, jax.random.fold_in(key, i),
+                            state["step"])
+        sums[name] += float(jax.device_get(loss))
+    return {name: total / len(host_batches) for name, total in sums.items()}
+
+
 def _select(pred, new, old):
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -527,6 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return dict(step=total, metrics=done.get("metrics", {}), eval=done.get("eval", {}),
                 preempted=False, workdir=workdir)
   data_iter = obj.data_iterator(jax.process_index(), jax.process_count())
+  val_batches = _validation_batches(config, obj)
   if latest is not None:
     state, resumed = checkpointer.restore_latest(trainer.abstract_state_sharded, data_iter)
     if resumed != latest:
@@ -540,6 +578,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = trainer.init_state()
   step = int(jax.device_get(state["step"]))
   writer = _make_writer(workdir)
+
+  def validate(state, step):
+    values = trainer.validation_loss(state, val_batches)
+    writer.write_scalars(step, values)
+    if is_lead:
+      _append_jsonl(workdir, VAL_JSONL, dict(step=step, **values))
+    logging.info("step %d: %s", step, ", ".join(f"{k} {v:.5f}" for k, v in values.items()))
+    return values
+
+  last_val: dict[str, float] = {}
+  if val_batches and latest is None:
+    last_val = validate(state, step)
   if latest is None and is_lead:
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
     n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.abstract_params))
@@ -595,6 +645,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_metrics = m
         if progress is not None:
           progress.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+      if val_batches and (step == total or (config.val.every and step % config.val.every == 0)):
+        last_val = validate(state, step)
       if config.eval_every and step % config.eval_every == 0 and step < total:
         eval_results = obj.evaluate(state, step=step, workdir=workdir, writer=writer, final=False)
       if step % config.checkpoint.every == 0 and step < total:
@@ -616,19 +668,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if config.eval_at_end:
         eval_results = obj.evaluate(state, step=step, workdir=workdir, writer=writer, final=True)
       if is_lead:
-        _write_final(workdir, dict(step=step, config=config_json, metrics=last_metrics,
-                                   eval=eval_results))
+        _write_final(workdir, dict(step=step, config=config_json,
+                                   metrics={**last_metrics, **last_val}, eval=eval_results))
   finally:
     if progress is not None:
       progress.close()
     preempt.uninstall()
     checkpointer.close()
     writer.flush()
-  return dict(step=step, metrics=last_metrics, eval=eval_results, preempted=preempted,
-              workdir=workdir)
+  return dict(step=step, metrics={**last_metrics, **last_val}, eval=eval_results,
+              preempted=preempted, workdir=workdir)
 
 
 FINAL_JSON = "final.json"
+VAL_JSONL = "val.jsonl"
+
+
+def _validation_batches(config, obj) -> list[dict]:
+  """This process's rows of the ``config.val.num_batches`` held-out batches (host arrays)."""
+  n = int(config.val.num_batches)
+  if n < 0:
+    raise ValueError(f"config.val.num_batches={n} must be >= 0")
+  if not n:
+    return []
+  it = obj.validation_iterator(jax.process_index(), jax.process_count())
+  return [obj.host_batch(next(it)) for _ in range(n)]
+
+
+def _append_jsonl(workdir: str, name: str, record: dict) -> None:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  line = json.dumps(record) + "\n"
+  if ckpt_lib.is_remote(workdir):  # object stores have no append: rewrite the small file
+    path = epath.Path(workdir) / name
+    old = path.read_text() if path.exists() else ""
+    path.write_text(old + line)
+    return
+  with open(os.path.join(workdir, name), "a") as f:
+    f.write(line)
+
+
+def read_jsonl(workdir: str, name: str = VAL_JSONL) -> list[dict]:
+  """The records of WORKDIR/NAME, the last one per step (a resumed run may log a step twice)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / name
+  if not path.exists():
+    return []
+  by_step = {}
+  for line in path.read_text().splitlines():
+    if line.strip():
+      rec = json.loads(line)
+      by_step[rec["step"]] = rec
+  return [by_step[s] for s in sorted(by_step)]
 
 
 def _read_final(workdir: str) -> dict | None:

@@ -174,6 +174,10 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
   def ema_groups(self):
     return (self.g_group,)
 
+  def validation_iterator(self, process_index, process_count):
+    # A GAN's two losses move against each other: no single held-out loss to track.
+    return loop.Objective.validation_iterator(self, process_index, process_count)
+
   @property
   def uses_teacher(self) -> bool:
     """A separate frozen teacher copy (under LoRA the frozen base UNet is the teacher)."""

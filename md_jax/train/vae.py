@@ -133,6 +133,14 @@ def latent_stats_spec(config):
   return abstract, dict(latent_shift=None, latent_scale=None)
 
 
+def validation_data_iterator(config, process_index, process_count):
+  """Held-out batches for ``config.val``: the shapes data's eval split, every caption kept.
+  Real records (``config.data.source``) have no split here: their batches come from the same
+  records in another order (seed + 1), a fixed probe rather than unseen data."""
+  return make_data_iterator(config, process_index, process_count, split="eval", seed_offset=1,
+                            caption_dropout=0.0)
+
+
 def make_data_iterator(config, process_index, process_count, *, split="train", seed_offset=0,
                        image_size=None, caption_dropout=None, text_cache=None):
   tokenizer = pipeline.load_tokenizer(pipeline.tokenizer_dir(config.text))
@@ -292,6 +300,9 @@ class VAEObjective(_Perceptual, loop.Objective):
 
   def data_iterator(self, process_index, process_count):
     return make_data_iterator(self.config, process_index, process_count, caption_dropout=0.0)
+
+  def validation_iterator(self, process_index, process_count):
+    return validation_data_iterator(self.config, process_index, process_count)
 
   def batch_spec(self, global_batch_size):
     return {"image": super().batch_spec(global_batch_size)["image"]}
