@@ -5,7 +5,9 @@
   FINETUNE  full (default) | lora                                    - what of G is trained
   SIZE      full (default) | smoke | tiny                            - as configs/shapes.py
             md512: the paper's MD network at 512px on real data, on pods (configs/md_pretrain.py
-            :512's network, data, precision, mesh and remat; init_from = that stage's run)
+            :512's network, data, precision, mesh and remat; init_from = that stage's run);
+            md256: the same from the :256 stage (a cheaper one-step model; the size
+            benchmarks/train_step_memory.py runs a paper-size GAN step at on a CPU)
 in any order, so the six cells of Table 5 are six config args (e.g. ``distill,lora``).
 ``init_from`` is the pretrained diffusion run (for the shapes chain: QUICKSTART_DIR/highres, or
 the relu-finetuned run when the attention is relu); text encoder, VAE and latent statistics come
@@ -19,7 +21,7 @@ import ml_collections
 from md_jax import config_loading
 from md_jax.train import ufogen
 
-SIZES = ("full", "smoke", "tiny", "md512")
+SIZES = ("full", "smoke", "tiny", "md512", "md256")
 
 
 def parse_arg(arg: str | None) -> tuple[str, str, str]:
@@ -40,8 +42,8 @@ def parse_arg(arg: str | None) -> tuple[str, str, str]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   recon, finetune, size = parse_arg(arg)
-  if size == "md512":
-    c = config_loading.config_module("md_pretrain", __file__).get_config("512")
+  if size in ("md512", "md256"):
+    c = config_loading.config_module("md_pretrain", __file__).get_config(size[2:])
   else:
     c = config_loading.config_module("shapes", __file__).get_config(f"highres,{size}")
   c.stage = "ufogen"
@@ -60,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 20
   c.ufogen.disc.learning_rate = 1e-4
-  if size == "md512":
+  if size in ("md512", "md256"):
     # ours (the paper gives no UFOGen batch or length): the 512 stage's batch, a short finetune.
     # G and D are two paper-size UNets, so half the batch runs per micro-batch.
     c.global_batch_size = 2048

@@ -76,10 +76,11 @@ def test_md_pretrain_builds_abstractly_at_paper_size():
   assert state_bytes > 4 * 4 * 370e6
 
 
-def test_ufogen_md512_takes_the_md_network():
-  c = _load("configs/ufogen.py:md512")
-  md = _load("configs/md.py:512")
-  assert c.trainer == "ufogen" and c.data.image_size == 512
+@pytest.mark.parametrize("size", [512, 256])
+def test_ufogen_md_sizes_take_the_md_network(size):
+  c = _load(f"configs/ufogen.py:md{size}")
+  md = _load(f"configs/md.py:{size}")
+  assert c.trainer == "ufogen" and c.data.image_size == size
   assert {k: v for k, v in c.unet.to_dict().items() if k != "remat"} == {
       k: v for k, v in md.unet.to_dict().items() if k != "remat"}
   assert c.compute_dtype == "bfloat16" and c.unet.remat
