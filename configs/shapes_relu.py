@@ -4,7 +4,10 @@
 full|smoke|tiny. The network is the shapes highres one (configs/shapes.py) with
 ``unet.attention='relu'``: relu(QK^T/sqrt(d))/L has no parameters, so the relu model restores
 the softmax run's params (and EMA) unchanged and trains on. The paper finetunes ~10k steps at
-full scale; here a fraction of the highres stage's steps.
+full scale; here a fraction of the highres stage's steps. Measured from a finished quickstart
+(``benchmarks/relu_recovery.py``): the ReLU model starts at 1.016x the softmax model's held-out
+loss, reaches it by step 75 and ends level with a softmax control finetuned alike (0.5898 vs
+0.5897 at step 300), judged the same within the CIs.
 """
 
 from __future__ import annotations
