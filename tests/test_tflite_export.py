@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,6 +55,31 @@ def test_bundle_passes_checks_and_manifest_is_complete(bundle):
   assert golden["image_u8"].shape == (1, 64, 64, 3) and golden["x0"].shape == (1, 8, 8, 8)
   ops = m["checks"]["unet_onestep_fp16.tflite"]["metrics"]["ops"]
   assert "GATHER" not in ops and "GATHER_ND" not in ops and "CONV_2D" in ops
+
+
+def test_bf16_trained_config_exports_float32_graphs():
+  """Pod stages train in bfloat16; their TFLite graphs must still be float32 (a bf16 matmul of
+  the paper-size UNet failed to convert: an illegal BATCH_MATMUL)."""
+  config = tiny_config("lowres")
+  with config.unlocked():
+    config.compute_dtype = "bfloat16"
+  comps, ld = convert.components_from_config(config, names=("unet_onestep",), image_size=64,
+                                             num_representative=1)
+  assert ld.config.compute_dtype == "float32" and config.compute_dtype == "bfloat16"
+  unet = comps["unet_onestep"]
+  jaxpr = str(jax.make_jaxpr(unet.fn)(unet.params, *unet.representative[0]))
+  assert "bf16" not in jaxpr and "f32" in jaxpr
+
+
+def test_golden_of_a_bundle_without_text_encoder(bundle):
+  """A UNet-only bundle (e.g. to convert or time the paper-size UNet alone) keeps the golden
+  noise and ids but has no end-to-end image to store."""
+  full = export.golden_vectors(bundle["comps"], bundle["ld"], PROMPT, 3)
+  unet_only = export.golden_vectors({"unet_onestep": bundle["comps"]["unet_onestep"]},
+                                    bundle["ld"], PROMPT, 3)
+  assert sorted(unet_only) == ["input_ids", "noise"]
+  np.testing.assert_array_equal(unet_only["noise"], full["noise"])
+  assert "x0" in full and "image_u8" in full
 
 
 @pytest.mark.slow

@@ -315,10 +315,20 @@ def _compilation_cache(config) -> None:
   loop.setup_compilation_cache(path)
 
 
+# TFLite graphs compute in float32 whatever the run trained in: a bfloat16 graph lowers to ops
+# the builtin set lacks (the paper-size UNet's bf16 dot_general becomes an illegal BATCH_MATMUL);
+# the fp16 files quantise weights, and the GPU delegate chooses its own precision.
+EXPORT_COMPUTE_DTYPE = "float32"
+
+
 def components_from_config(config, **kw) -> tuple[dict[str, Component], Any]:
   """Components with fresh (seeded) weights: tests and benchmarks."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   _compilation_cache(config)
+  if config.get("compute_dtype", EXPORT_COMPUTE_DTYPE) != EXPORT_COMPUTE_DTYPE:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.compute_dtype = EXPORT_COMPUTE_DTYPE
   ld = diff.LatentDiffusion(config)
   seed = kw.pop("seed", 0)
   unet, frozen = fresh_params(config, ld, seed)
@@ -330,7 +340,8 @@ def components_from_workdir(workdir: str, *, step: int | None = None, use_ema: b
   """Components from a diffusion run's Orbax checkpoint (EMA UNet params by default)."""
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   _compilation_cache(None)
-  config, ld, _, unet, frozen, step = diff.load_for_sampling(workdir, step, use_ema)
+  config, ld, _, unet, frozen, step = diff.load_for_sampling(
+      workdir, step, use_ema, compute_dtype=EXPORT_COMPUTE_DTYPE)
   comps = build_components(config, ld, unet_params=unet, frozen=frozen, **kw)
   return comps, ld, config, step
 

@@ -57,6 +57,8 @@ def golden_vectors(components: dict, ld, prompt: str, seed: int) -> dict:
     unet = components["unet_onestep"]
     noise = pipeline_noise(seed, unet.inputs[0].shape[1:])
     out["noise"] = noise
+    if "hidden" not in out:  # no text encoder in this bundle: no end-to-end golden image
+      return out
     out["x0"] = unet.jax_apply(noise, out["hidden"])["x0"]
     if "decoder" in components:
       image = components["decoder"].jax_apply(out["x0"])["image"]
@@ -100,7 +102,9 @@ def write_bundle(out: str, components: dict, ld, config, *, precisions: Sequence
     from PIL import Image  # pylint: disable=g-import-not-at-top
     Image.fromarray(golden["image_u8"][0]).save(os.path.join(staging, "golden", "image.png"))
 
-  tok_src = config.text.tokenizer_dir
+  from md_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  # The tokenizer the components were built with (the packaged one when the config names none).
+  tok_src = (data_pipeline.tokenizer_dir(config.text) or data_pipeline.default_tokenizer_path())
   tok_files = sorted(f for f in os.listdir(tok_src) if not f.startswith("."))
   shutil.copytree(tok_src, os.path.join(staging, "tokenizer"),
                   ignore=shutil.ignore_patterns(".*"))
@@ -115,8 +119,9 @@ def write_bundle(out: str, components: dict, ld, config, *, precisions: Sequence
                      eos_token_id=int(ld.tokenizer.eos_token_id),
                      pad_token_id=int(ld.tokenizer.pad_token_id)),
       noise=dict(kind="numpy.random.default_rng(seed).standard_normal", dtype="float32"),
-      golden=dict(file="golden/golden.npz", image="golden/image.png", prompt=prompt, seed=seed,
-                  keys=sorted(golden)),
+      golden=dict(file="golden/golden.npz",
+                  image="golden/image.png" if "image_u8" in golden else None,
+                  prompt=prompt, seed=seed, keys=sorted(golden)),
       schedule=conv.schedule_constants(ld.schedule),
       model_config=_config_json(config),
       gpu_ops_source=None,
@@ -194,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from md_jax import config_loading  # pylint: disable=g-import-not-at-top
     config = config_loading.load_config(args.config)
     comps, ld = conv.components_from_config(config, seed=args.seed, **kw)
+    config = ld.config  # what the graphs were built from (float32 compute)
     source = dict(config=args.config, params=f"fresh random weights (seed {args.seed})")
   else:
     parser.error("give --workdir (a trained run) or --config (fresh weights)")

@@ -191,13 +191,14 @@ def generate(ld: LatentDiffusion, mesh, unet_params, frozen, prompts, *, seed, i
 
 
 def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = True,
-                      config=None):
+                      config=None, compute_dtype: str | None = None):
   """(config, LatentDiffusion, mesh, unet params, frozen, step) restored from ``workdir``.
 
   A diffusion or UFOGen run; only the UNet's params (EMA when the run kept them and ``use_ema``)
   and the frozen text encoder / VAE / latent statistics are read, placed on this machine's
   devices whatever mesh saved them. ``config`` replaces the config stored with the checkpoint
-  (its shapes must match the checkpoint's).
+  (its shapes must match the checkpoint's); ``compute_dtype`` replaces the run's (a pod run
+  trains in bfloat16; TFLite export builds float32 graphs).
   """
   step = ckpt_lib.latest_step_in(workdir) if step is None else step
   if step is None:
@@ -207,6 +208,9 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
     if not cfg_json:
       raise FileNotFoundError(f"{workdir} step {step} holds no config (pass one with --config)")
     config = ml_collections.ConfigDict(cfg_json)
+  if compute_dtype:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.compute_dtype = compute_dtype
   if config.trainer not in ("diffusion", "ufogen"):
     raise ValueError(f"{workdir} is a {config.trainer!r} run; sampling needs a diffusion run "
                      "(or a UFOGen run)")
