@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -51,12 +50,6 @@ def test_diffusion_step_same_on_one_and_eight_devices(vae_and_diffusion_steps):
   assert r["max_param_diff"] <= 1e-5 * max(1.0, r["param_scale"])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _restore_params(workdir):
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
@@ -67,6 +60,8 @@ def _restore_params(workdir):
 
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  """Two processes x 2 devices, started the way TPU workers are: ``launch/tpu.py local`` runs
+  the very per-worker command (``md_jax.main ... --distributed=on``) as local processes."""
   steps = 4
   common = ["--config=configs/shapes.py:vae,tiny", f"--config.num_train_steps={steps}",
             "--config.mesh_shape=(2,2,1)", "--config.eval_at_end=False"]
@@ -75,18 +70,16 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
              env=cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), check=True)
 
   multi = str(tmp_path / "multi")
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
-                  JAX_PROCESS_ID=pid)
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "md_jax.main", *common, f"--workdir={multi}"], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = [p.communicate(timeout=1200) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-4000:]
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "tpu.py"), "local", common[0],
+       f"--workdir={multi}", "--num-processes=2", "--devices-per-process=2", "--", *common[1:]],
+      cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  launched = [l for l in proc.stdout.splitlines() if l.startswith("[local")]
+  assert len(launched) == 2 and all("-m md_jax.main" in l and "--distributed=on" in l
+                                    for l in launched)
+  summaries = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert len(summaries) == 2 and all(s["step"] == steps for s in summaries)
 
   a, step_a = _restore_params(single)
   b, step_b = _restore_params(multi)

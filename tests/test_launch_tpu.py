@@ -1,5 +1,6 @@
-"""launch/tpu.py: the exact gcloud command lines of a v5p-128 run of the 512 stage (--dry-run),
-and the very per-worker command run as two local processes for a few training steps."""
+"""launch/tpu.py: the exact gcloud command lines of a v5p-128 run of the 512 stage (--dry-run).
+Its ``local`` mode (the per-worker command as local processes) is what
+test_distributed.py's two-process test runs."""
 
 from __future__ import annotations
 
@@ -52,23 +53,3 @@ def test_dry_run_v5p_128_of_the_512_stage():
   assert _dry("delete", *WHERE) == [
       "gcloud compute tpus tpu-vm delete md512 --zone=us-east5-a --project=my-proj --quiet"]
 
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_local_mode_runs_the_worker_command_as_two_processes(tmp_path):
-  workdir = str(tmp_path / "run")
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "tpu.py"), "local",
-       "--config=configs/shapes.py:vae,tiny", f"--workdir={workdir}", "--num-processes=2", "--",
-       "--config.num_train_steps=2", "--config.checkpoint.every=2", "--config.eval_at_end=False",
-       "--config.mesh_shape=(2,1,1)"],
-      cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  launched = [l for l in proc.stdout.splitlines() if l.startswith("[local")]
-  assert len(launched) == 2 and all("-m md_jax.main" in l and "--distributed=on" in l
-                                    for l in launched)
-  summaries = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-  assert len(summaries) == 2 and all(s["step"] == 2 for s in summaries)
-  data_dir = os.path.join(workdir, "checkpoints", "2", "data")
-  assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
