@@ -69,14 +69,6 @@ class _PeakSampler:
     self.peak = max(self.peak, _rss_bytes())
 
 
-def _parse_value(text: str):
-  import ast  # pylint: disable=g-import-not-at-top
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # a plain string
-
-
 def run_case(config_spec: str, batch: int, dtype: str, remat: bool, mesh: str,
              steps: int, overrides: list[str]) -> dict:
   """One case, in this process. Returns the report dict."""
@@ -84,6 +76,7 @@ def run_case(config_spec: str, batch: int, dtype: str, remat: bool, mesh: str,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from md_jax.config_loading import apply_overrides  # pylint: disable=g-import-not-at-top
   from md_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
   from md_jax.train import loop  # pylint: disable=g-import-not-at-top
   from md_jax.train import sharding as shd  # pylint: disable=g-import-not-at-top
@@ -95,15 +88,10 @@ def run_case(config_spec: str, batch: int, dtype: str, remat: bool, mesh: str,
     config.unet.remat = remat
     config.mesh_shape = tuple(ast.literal_eval(mesh))
     config.global_batch_size = batch
-    for item in overrides:
-      key, sep, value = item.partition("=")
-      node, *path = key.split(".")
-      target = config
-      for part in [node, *path][:-1]:
-        target = target[part]
-      if not sep or [node, *path][-1] not in target:
-        raise SystemExit(f"--set {item!r}: want KEY=VALUE with an existing config key")
-      target[[node, *path][-1]] = _parse_value(value)
+    try:
+      apply_overrides(config, overrides, flag="--set")
+    except KeyError as e:
+      raise SystemExit(str(e)) from None
   trainer = loop.Trainer(config, workdir="")
   n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.abstract_params))
   spec = trainer.objective.batch_spec(batch)
@@ -169,7 +157,7 @@ def main(argv=None):
   parser.add_argument("--cases", default="plain,remat", help="comma list of plain|remat")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. --set optim.grad_accum_steps=1 (repeatable)")
+                      help="config override, JSON value, e.g. --set optim.grad_accum_steps=1 (repeatable)")
   parser.add_argument("--out", default="", help="append each case's JSON line here too")
   parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # a child process's case
   args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -47,3 +48,19 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   config = module.get_config(arg) if arg else module.get_config()
   config.lock()
   return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides, flag: str = "--override"):
+  """Applies ``KEY=VALUE`` strings (dotted keys, JSON values cast to the key's current type;
+  string keys take VALUE as is) to an unlocked ``config``; an unknown key raises KeyError
+  naming ``flag`` and the key."""
+  for item in overrides:
+    key, _, value = item.partition("=")
+    node = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    if parts[-1] not in node:
+      raise KeyError(f"{flag}={item}: config has no key {key!r}")
+    old = node[parts[-1]]
+    node[parts[-1]] = type(old)(json.loads(value)) if not isinstance(old, str) else value

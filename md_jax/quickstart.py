@@ -36,19 +36,6 @@ EXPORT_PRECISIONS = ("fp16", "int8")
 EXPORT_COMPONENTS = ("text_encoder", "unet_onestep", "decoder")
 
 
-def _apply_overrides(config, overrides):
-  for item in overrides:
-    key, _, value = item.partition("=")
-    node = config
-    parts = key.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    if parts[-1] not in node:
-      raise KeyError(f"--override={item}: config has no key {key!r}")
-    old = node[parts[-1]]
-    node[parts[-1]] = type(old)(json.loads(value)) if not isinstance(old, str) else value
-
-
 def export_stage(workdir: str, source_stage: str = "highres") -> dict:
   """Bundle of WORKDIR/<source_stage> in WORKDIR/bundle (skipped when it already holds that
   checkpoint step), then the LiteRT pipeline once per precision on the bundle's golden prompt and
@@ -116,7 +103,7 @@ def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
         config.init_from = os.path.join(workdir, "lowres")
       if stage == "lowres":
         config.eval_at_end = False  # judged once, at the final resolution
-    _apply_overrides(config, overrides)
+    config_loading.apply_overrides(config, overrides)
     t0 = time.time()
     logging.info("=== stage %s ===", stage)
     print(f"[quickstart] stage {stage}: {config.num_train_steps} steps, "

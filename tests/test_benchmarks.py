@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -19,7 +20,8 @@ def _load(name):
 
 def test_train_step_memory_runs_a_real_step_with_nothing_on_disk():
   bench = _load("train_step_memory")
-  overrides = [f"{k}={v!r}" for k, v in MICRO_UNET.items()] + ["text.num_hidden_layers=1"]
+  overrides = [f"{k}={json.dumps(v)}" for k, v in MICRO_UNET.items()] + [
+      "text.num_hidden_layers=1"]
   report = bench.run_case("configs/shapes.py:highres,tiny", batch=2, dtype="float32",
                           remat=True, mesh="(-1, 1, 1)", steps=2, overrides=overrides)
   assert report["trainer"] == "diffusion" and report["remat"] and report["finite"]

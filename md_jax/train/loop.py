@@ -465,7 +465,6 @@ class Trainer:
     self._compiled_step = compiled
     return compiled
 
-
   # -- held-out loss ---------------------------------------------------------------------------
   def validation_loss(self, state: dict, host_batches: list[dict]) -> dict[str, float]:
     """Mean objective loss over ``host_batches`` (this process's rows of each), with the
