@@ -1,13 +1,14 @@
 """The embedded end-to-end run on shapes, in one process (one JAX start-up, one compile cache).
 
 VAE -> low-resolution diffusion (32px) -> high-resolution diffusion (64px, initialised from the
-low-res run) -> 50-step DDIM samples for the evaluation prompts -> grid PNG and the judge's
-scores -> the Android bundle of the high-res run (TFLite fp16 + int8, checked) and one LiteRT
+low-res run) -> 50-step DDIM samples for the evaluation prompts, judged -> UFOGen one-step
+finetune of the high-res run (paper sec. 4) -> one-step samples for the same prompts, judged ->
+the Android bundle of the one-step generator (TFLite fp16 + int8, checked) and one LiteRT
 pipeline run per precision, all printed and written to WORKDIR/quickstart.json. Each training
-stage is a normal workdir (WORKDIR/vae, WORKDIR/lowres, WORKDIR/highres) that
+stage is a normal workdir (WORKDIR/vae, WORKDIR/lowres, WORKDIR/highres, WORKDIR/ufogen) that
 ``python -m md_jax.main`` could run or resume on its own, and WORKDIR/bundle is what
-``python -m tflite_export.export --workdir=WORKDIR/highres`` writes; rerunning the quickstart
-resumes whatever is unfinished and re-exports only when the high-res checkpoint changed.
+``python -m tflite_export.export --workdir=WORKDIR/ufogen`` writes; rerunning the quickstart
+resumes whatever is unfinished and re-exports only when the exported checkpoint changed.
 """
 
 from __future__ import annotations
@@ -21,24 +22,25 @@ import time
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/shapes", "Root directory for the three stages.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/shapes", "Root directory of the stages.")
 _SIZE = flags.DEFINE_enum("size", "full", ["full", "smoke", "tiny"],
                           "full: the quickstart; smoke: same chain, few steps (CI).")
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "KEY=VALUE applied to every stage's config, e.g. --override=seed=1.")
 
 _EXPORT = flags.DEFINE_bool(
-    "export", True, "End with the TFLite bundle of the high-res run (fp16, int8) and one LiteRT "
-    "pipeline run per precision.")
+    "export", True, "End with the TFLite bundle of the one-step generator (fp16, int8) and one "
+    "LiteRT pipeline run per precision.")
 
-STAGES = ("vae", "lowres", "highres")
+STAGES = ("vae", "lowres", "highres", "ufogen")
+EXPORT_SOURCE = "ufogen"  # the one-step generator is what the phone runs
 EXPORT_PRECISIONS = ("fp16", "int8")
 EXPORT_COMPONENTS = ("text_encoder", "unet_onestep", "decoder")
 
 
-def export_stage(workdir: str, source_stage: str = "highres") -> dict:
+def export_stage(workdir: str, source_stage: str = EXPORT_SOURCE) -> dict:
   """Bundle of WORKDIR/<source_stage> in WORKDIR/bundle (skipped when it already holds that
-  checkpoint step), then the LiteRT pipeline once per precision on the bundle's golden prompt and
+  run's latest checkpoint step), then the LiteRT pipeline once per precision on the bundle's golden prompt and
   seed, compared with the JAX one-call image stored in the bundle."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -54,7 +56,8 @@ def export_stage(workdir: str, source_stage: str = "highres") -> dict:
   if os.path.exists(manifest_path):
     with open(manifest_path) as f:
       manifest = json.load(f)
-    if manifest.get("source", {}).get("step") != step:
+    source = manifest.get("source", {})
+    if (source.get("step"), source.get("workdir")) != (step, src):
       manifest = None
   t0 = time.time()
   if manifest is None:
@@ -88,6 +91,25 @@ def export_stage(workdir: str, source_stage: str = "highres") -> dict:
   return result
 
 
+def stage_config(workdir: str, stage: str, size: str):
+  """The config of one quickstart stage, wired to the stages before it."""
+  from md_jax import config_loading  # pylint: disable=g-import-not-at-top
+  if stage == "ufogen":
+    config = config_loading.load_config(f"configs/ufogen.py:diffusion,full,{size}")
+  else:
+    config = config_loading.load_config(f"configs/shapes.py:{stage},{size}")
+  with config.unlocked():
+    if stage in ("lowres", "highres"):
+      config.vae_workdir = os.path.join(workdir, "vae")
+    if stage == "lowres":
+      config.eval_at_end = False  # judged once, at the final resolution
+    if stage == "highres":
+      config.init_from = os.path.join(workdir, "lowres")
+    if stage == "ufogen":
+      config.init_from = os.path.join(workdir, "highres")  # VAE and text encoder come with it
+  return config
+
+
 def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
   from md_jax import config_loading  # pylint: disable=g-import-not-at-top
   from md_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -95,14 +117,7 @@ def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
   timings, results = {}, {}
   t_all = time.time()
   for stage in STAGES:
-    config = config_loading.load_config(f"configs/shapes.py:{stage},{size}")
-    with config.unlocked():
-      if stage != "vae":
-        config.vae_workdir = os.path.join(workdir, "vae")
-      if stage == "highres":
-        config.init_from = os.path.join(workdir, "lowres")
-      if stage == "lowres":
-        config.eval_at_end = False  # judged once, at the final resolution
+    config = stage_config(workdir, stage, size)
     config_loading.apply_overrides(config, overrides)
     t0 = time.time()
     logging.info("=== stage %s ===", stage)
@@ -116,14 +131,18 @@ def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
       sys.exit(0)
   if export:
     t0 = time.time()
-    print("[quickstart] stage export: TFLite bundle (fp16, int8) of the high-res run", flush=True)
+    print(f"[quickstart] stage export: TFLite bundle (fp16, int8) of the {EXPORT_SOURCE} run",
+          flush=True)
     export_result = export_stage(workdir)
     timings["export"] = round(time.time() - t0, 1)
   summary = dict(size=size, seconds=timings, total_seconds=round(time.time() - t_all, 1))
-  eval_path = os.path.join(workdir, "highres", "eval.json")
-  if os.path.exists(eval_path):
-    with open(eval_path) as f:
-      summary["eval"] = json.load(f)
+  # "eval": the base model's 50-step DDIM samples; "onestep_eval": the UFOGen generator's
+  # one-step samples of the same prompts and seeds.
+  for key, stage in (("eval", "highres"), ("onestep_eval", "ufogen")):
+    eval_path = os.path.join(workdir, stage, "eval.json")
+    if os.path.exists(eval_path):
+      with open(eval_path) as f:
+        summary[key] = json.load(f)
   summary["vae"] = results["vae"]["eval"]
   if export:
     summary["export"] = export_result
@@ -135,12 +154,20 @@ def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
 
 def _print_summary(summary, workdir):
   print("\n[quickstart] stage seconds:", summary["seconds"], "total", summary["total_seconds"])
-  ev = summary.get("eval")
-  if ev:
-    print(f"[quickstart] {ev['num_samples']} samples, {ev['sampler']} {ev['num_steps']} steps, "
-          f"cfg {ev['guidance_scale']}; grid: {ev['grid']}")
-    scores = ev["scores"]
-    print(json.dumps(scores, indent=1, default=str))
+  for key, what in (("eval", "base model (high-res run)"), ("onestep_eval", "UFOGen one-step")):
+    ev = summary.get(key)
+    if ev:
+      print(f"[quickstart] {what}: {ev['num_samples']} samples, {ev['sampler']} "
+            f"{ev['num_steps']} steps, cfg {ev['guidance_scale']}; grid: {ev['grid']}")
+      print(json.dumps(ev["scores"], indent=1, default=str))
+  rows = [(w, summary[k]["scores"]) for k, w in (("eval", "DDIM-50 (base)"),
+                                                  ("onestep_eval", "one-step (UFOGen)"))
+          if k in summary]
+  if rows:
+    print("[quickstart] judge accuracy      colour  shape  position  all")
+    for what, sc in rows:
+      print(f"[quickstart]   {what:<17} " + "  ".join(
+          f"{100 * sc[k]:5.1f}%" for k in ("colour", "shape", "position", "all")))
   ex = summary.get("export")
   if ex:
     ok = all(ex["checks"].values())

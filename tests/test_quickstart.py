@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import cli_env, run_module
@@ -24,23 +25,34 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
   workdir, proc = smoke_run
   with open(os.path.join(workdir, "quickstart.json")) as f:
     summary = json.load(f)
-  assert set(summary["seconds"]) == {"vae", "lowres", "highres", "export"}
-  ev = summary["eval"]
-  assert ev["sampler"] == "ddim" and ev["num_samples"] == 32
-  scores = ev["scores"]
-  for key in ("colour", "shape", "position", "all"):
-    assert 0.0 <= scores[key] <= 1.0
-    assert len(scores[key + "_ci"]) == 2
-  assert scores["seen"]["n"] + scores["held_out"]["n"] == 32
-  assert os.path.exists(ev["grid"])
+  assert set(summary["seconds"]) == {"vae", "lowres", "highres", "ufogen", "export"}
+  # The base model judged on 50-step DDIM (10 at smoke size) samples, the UFOGen generator on
+  # one-step samples of the same prompts.
+  for key, steps, cfg in (("eval", 10, 4.0), ("onestep_eval", 1, 1.0)):
+    ev = summary[key]
+    assert ev["sampler"] == "ddim" and ev["num_samples"] == 32, key
+    assert ev["num_steps"] == steps and ev["guidance_scale"] == cfg, key
+    scores = ev["scores"]
+    for k in ("colour", "shape", "position", "all"):
+      assert 0.0 <= scores[k] <= 1.0
+      assert len(scores[k + "_ci"]) == 2
+    assert scores["seen"]["n"] + scores["held_out"]["n"] == 32
+    assert os.path.exists(ev["grid"])
+  assert summary["onestep_eval"]["grid"].startswith(os.path.join(workdir, "ufogen"))
+  assert "judge accuracy" in proc.stdout and "one-step (UFOGen)" in proc.stdout
   assert "eval/recon_psnr" in summary["vae"]
   # The high-res stage started from the low-res one and from the VAE's latent statistics.
   assert "[quickstart] stage highres" in proc.stdout
-  # The chain ends with the checked Android bundle of the high-res run and a LiteRT run of it.
+  assert "[quickstart] stage ufogen: 20 steps" in proc.stdout
+  with open(os.path.join(workdir, "ufogen", "final.json")) as f:
+    ufogen_final = json.load(f)
+  assert ufogen_final["config"]["init_from"] == os.path.join(workdir, "highres")
+  assert ufogen_final["config"]["trainer"] == "ufogen"
+  # The chain ends with the checked Android bundle of the one-step generator and a LiteRT run.
   ex = summary["export"]
-  assert ex["step"] == 40 and ex["dir"] == os.path.join(workdir, "bundle")
+  assert ex["step"] == 20 and ex["dir"] == os.path.join(workdir, "bundle")
   assert len(ex["checks"]) == 6
-  # The text encoder and decoder pass in both precisions. The 40-step smoke UNet may not: its
+  # The text encoder and decoder pass in both precisions. The smoke generator may not: its
   # full-int8 graph fails parity and, depending on the run, an fp16 activation range check
   # (early models have wide, outlier-driven activations; the full quickstart's UNet passes).
   # Failures are recorded and printed, and the bundle is still written.
@@ -53,12 +65,12 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
       assert ex["check_errors"][f] and f"FAILED {f}" in proc.stdout
   with open(os.path.join(ex["dir"], "manifest.json")) as f:
     manifest = json.load(f)
-  assert manifest["source"]["workdir"] == os.path.join(workdir, "highres")
+  assert manifest["source"]["workdir"] == os.path.join(workdir, "ufogen")
   assert ex["pipeline"]["fp16"]["psnr_vs_jax_db"] >= 40.0
   assert ex["pipeline"]["int8"]["files"]["unet_onestep"] == "int8"
   for r in ex["pipeline"].values():
     assert os.path.getsize(r["png"]) > 100
-  assert f"bundle {ex['dir']} (step 40): checks" in proc.stdout
+  assert f"bundle {ex['dir']} (step 20): checks" in proc.stdout
 
 
 @pytest.mark.slow
@@ -78,15 +90,19 @@ def test_rerun_resumes_instead_of_retraining(smoke_run):
 
 
 @pytest.mark.slow
-def test_sample_cli_writes_pngs(smoke_run, tmp_path):
+@pytest.mark.parametrize("stage,flags,steps", [("highres", ("--steps=4",), 4),
+                                               ("ufogen", (), 1)])
+def test_sample_cli_writes_pngs(smoke_run, tmp_path, stage, flags, steps):
+  """DDIM on the base model; a UFOGen run samples in one step by default."""
   workdir, _ = smoke_run
   out = tmp_path / "samples"
-  proc = run_module("md_jax.sample", f"--workdir={os.path.join(workdir, 'highres')}",
-                    "--steps=4", "--num_per_prompt=2", f"--out={out}",
+  proc = run_module("md_jax.sample", f"--workdir={os.path.join(workdir, stage)}", *flags,
+                    "--num_per_prompt=2", f"--out={out}",
                     "a red circle in the top left corner", "a blue square at the bottom",
                     timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["steps"] == steps, result
   pngs = [f for f in result["files"] if f.endswith(".png")]
   assert len(pngs) == 5  # 2 prompts x 2 + grid
   for f in pngs:
@@ -97,3 +113,35 @@ def test_sample_cli_rejects_a_vae_workdir(vae_workdir):
   proc = run_module("md_jax.sample", f"--workdir={vae_workdir}", "a red circle", timeout=600)
   assert proc.returncode == 1
   assert "diffusion run" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bundle_judge_scores_litert_against_jax(smoke_run, tmp_path):
+  from tflite_export import judge
+  workdir, _ = smoke_run
+  bundle = os.path.join(workdir, "bundle")
+  report = judge.judge_bundle(bundle, num_samples=4, log=lambda *a: None)
+  assert report["source"]["workdir"] == os.path.join(workdir, "ufogen")
+  assert set(report["scores"]) == {"jax", "fp16", "int8"}
+  for name, sc in report["scores"].items():
+    assert sc["n"] == 4 and sc["seen"]["n"] + sc["held_out"]["n"] == 4, name
+    assert report["images"][name].shape == (4, 64, 64, 3)
+  # Both sides saw the same prompts and noise: the fp16 files reproduce JAX's images.
+  assert report["psnr_vs_jax_db"]["fp16"]["min"] >= 40.0, report["psnr_vs_jax_db"]
+  for key in ("agreement", "agreement_without_sharpness_check"):
+    assert set(report[key]) == {"fp16", "int8"}
+    for agree in report[key].values():
+      assert set(agree) == {"colour", "shape", "position"}
+  assert set(report["scores_without_sharpness_check"]) == {"jax", "fp16", "int8"}
+  # Different samples get different noise.
+  assert not np.allclose(report["images"]["jax"][0], report["images"]["jax"][1])
+  assert "| int8 |" in judge.format_table(report)
+
+
+def test_bundle_judge_refuses_a_bundle_not_trained_on_shapes(tmp_path):
+  from tflite_export import judge
+  (tmp_path / "manifest.json").write_text(json.dumps(
+      {"model_config": {"data": {"name": "shapes", "source": "/data/coco"}}}))
+  with pytest.raises(ValueError, match="not a model trained on the shapes data"):
+    judge.judge_bundle(str(tmp_path), num_samples=4)
+  assert judge.main(["--bundle", str(tmp_path / "nothing")]) == 2

@@ -329,6 +329,11 @@ def score(images: Sequence[np.ndarray], prompts: Sequence[str],
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
   results = [judge(im, p, require_sharp=require_sharp) for im, p in zip(images, prompts)]
+  return summarise(results, held_out)
+
+
+def summarise(results: Sequence[dict], held_out: Sequence[bool] | None = None) -> dict:
+  """score()'s summary of verdicts already returned by judge()."""
   out = _summarise(results)
   if held_out is not None:
     held_out = [bool(h) for h in held_out]
