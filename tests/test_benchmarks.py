@@ -32,3 +32,25 @@ def test_train_step_memory_runs_a_real_step_with_nothing_on_disk():
   with pytest.raises(SystemExit, match="unet.no_such_key"):
     bench.run_case("configs/shapes.py:highres,tiny", batch=2, dtype="float32", remat=False,
                    mesh="(-1, 1, 1)", steps=1, overrides=["unet.no_such_key=1"])
+
+
+def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys):
+  bench = _load("ufogen_table")
+  for argv, message in (
+      (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--cells", "diffusion,fast"],
+       "unknown cell 'diffusion,fast'"),
+      (["--base", str(tmp_path / "none"), "--out", str(tmp_path / "o")], "no such run directory"),
+      (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--use_run",
+        f"diffusion,full={tmp_path}"], "no finished run there")):
+    with pytest.raises(SystemExit):
+      bench.main(argv)
+    assert message in capsys.readouterr().err
+  row = dict(name="(c) diffusion,full", seen_colour=0.5, held_out_colour=0.25, fd_shapes=812.4,
+             kid_shapes=0.1234,
+             judge=dict(colour=0.5, colour_ci=[0.4, 0.6], shape=0.25, position=0.75, all=0.125,
+                        rejected=0.0625),
+             lenient=dict(colour=0.625, shape=0.375, position=0.875, rejected=0.0))
+  table = bench.format_table([row]).splitlines()
+  assert len(table) == 3 and table[1].count("|") == table[0].count("|")
+  assert table[2] == ("| (c) diffusion,full | 50.0% [40.0, 60.0] | 25.0% | 75.0% | 12.5% | 6.2% | "
+                      "50.0% / 25.0% | 62.5% / 37.5% / 87.5% | 812 | 0.123 |")
