@@ -6,12 +6,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import MICRO_UNET, cli_env, run_module, tiny_config
+from conftest import MICRO_UNET, REPO, cli_env, tiny_config
 from md_jax import evaluate
 from md_jax.train import loop
 
@@ -44,7 +47,40 @@ def clip_dir(tmp_path_factory):
   return directory
 
 
-@pytest.mark.slow  # a tiny diffusion run, two samplings and an 8-device CLI run: ~90 s
+def _two_processes(tmp_path, *args, devices_per_process: int = 4, timeout: float = 900):
+  """``python -m md_jax.evaluate *args`` as two local processes; their last stdout lines."""
+  port = _free_port()
+  procs, logs = [], []
+  for pid in range(2):
+    env = cli_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+                  JAX_PROCESS_ID=pid)
+    out, err = (open(tmp_path / f"p{pid}.{k}", "w+") for k in ("out", "err"))  # no pipe stalls
+    logs.append((out, err))
+    procs.append(subprocess.Popen([sys.executable, "-m", "md_jax.evaluate", *args], cwd=REPO,
+                                  env=env, stdout=out, stderr=err, text=True))
+  try:
+    codes = [p.wait(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  results = []
+  for code, (out, err) in zip(codes, logs):
+    out.seek(0)
+    err.seek(0)
+    assert code == 0, err.read()[-4000:]
+    results.append(json.loads(out.read().strip().splitlines()[-1]))
+  return results
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow  # a tiny diffusion run, two samplings and a two-process CLI run
+@pytest.mark.multiprocess
 def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir, tmp_path):
   one = str(tmp_path / "one")
   report = evaluate.evaluate(run_dir, clip_dir=clip_dir, out=one, progress=False, **ARGS)
@@ -64,17 +100,20 @@ def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir,
   assert os.path.isfile(saved["curve"]) and Image.open(saved["curve"]).size == (720, 520)
   assert glob.glob(os.path.join(one, "tensorboard", "events.out.tfevents.*"))
 
-  # The CLI on 8 fake CPU devices: the same images (grids) and metrics.
+  # The CLI on 8 fake CPU devices held by two processes (jax.distributed on loopback, as on a
+  # pod's hosts): the same images (grids) and metrics; process 0 writes the report.
   eight = str(tmp_path / "eight")
-  proc = run_module("md_jax.evaluate", f"--workdir={run_dir}", "--sampler=dpmpp2m", "--steps=3",
-                    "--sweep_cfg=1,3", "--num_samples=8", "--batch_size=8",
-                    f"--clip_dir={clip_dir}", f"--out={eight}", "--noprogress",
-                    env=cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  summary = json.loads(proc.stdout.strip().splitlines()[-1])
-  with open(summary["json"]) as f:
+  summaries = _two_processes(
+      tmp_path, f"--workdir={run_dir}", "--sampler=dpmpp2m", "--steps=3", "--sweep_cfg=1,3",
+      "--num_samples=8", "--batch_size=8", f"--clip_dir={clip_dir}", f"--out={eight}",
+      "--noprogress", "--distributed=on")
+  assert summaries[1]["json"] is None
+  for a, b in zip(*(s["results"] for s in summaries)):  # every process computed the metrics
+    for key in ("fd_vae", "kid_vae", "fd_shapes", "clip_score"):
+      assert a[key] == b[key], key
+  with open(summaries[0]["json"]) as f:
     other = json.load(f)
-  assert other["devices"] == 8 and report["devices"] == 1
+  assert (other["devices"], other["processes"]) == (8, 2) and report["devices"] == 1
   for a, b in zip(saved["results"], other["results"]):
     ga = np.asarray(Image.open(a["grid"]), np.int16)
     gb = np.asarray(Image.open(b["grid"]), np.int16)
