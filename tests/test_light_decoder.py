@@ -105,6 +105,33 @@ def test_light_decoder_trains_against_frozen_encoder(vae_workdir, tmp_path):
   assert np.isfinite(ev["eval/recon_psnr"])
   assert np.isfinite(ev["eval/recon_psnr_at_init"])
 
+  # Export reads the run's EMA light decoder and the VAE's latent statistics it carries, and
+  # builds the bundle's decoder component from them (tflite_export.export --decoder_from).
+  from tflite_export import convert  # pylint: disable=g-import-not-at-top
+  light = convert.light_decoder_from_workdir(workdir)
+  assert (light["step"], light["params_kind"]) == (4, "ema_params")
+  want_dec = _flat(got["ema_params"]["light_decoder"])  # step 4, the last one restored above
+  have_dec = _flat(light["params"])
+  assert have_dec.keys() == want_dec.keys()
+  for k, v in want_dec.items():
+    np.testing.assert_array_equal(have_dec[k], v, err_msg=k)
+  for k in ("latent_shift", "latent_scale"):
+    np.testing.assert_array_equal(light[k], np.asarray(vae_got["frozen"][k]), err_msg=k)
+  comp = convert.decoder_component(light["vae_config"], light["params"], light["latent_shift"],
+                                   light["latent_scale"], latent_shape=(4, 4, c))
+  assert comp.metadata["decoder_channels"] == list(config.vae.decoder_channels)
+  z = np.random.default_rng(0).standard_normal((1, 4, 4, c)).astype(np.float32)
+  image = comp.jax_apply(z)["image"]
+  decoded = vae_obj.light_decoder_spec(config).bind(got["ema_params"]["light_decoder"])(
+      z * light["latent_scale"] + light["latent_shift"])
+  np.testing.assert_allclose(image, np.clip(np.asarray(decoded), -1, 1) * 0.5 + 0.5, atol=1e-5)
+  convert.check_same_latent_stats(vae_got["frozen"], light, vae_workdir, workdir)
+  other = dict(vae_got["frozen"], latent_scale=np.asarray(vae_got["frozen"]["latent_scale"]) * 2)
+  with pytest.raises(ValueError, match="distilled against another VAE.*latent_scale"):
+    convert.check_same_latent_stats(other, light, vae_workdir, workdir)
+  with pytest.raises(ValueError, match="expected a light-decoder run"):
+    convert.light_decoder_from_workdir(vae_workdir)
+
 
 def test_light_decoder_export_safe():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

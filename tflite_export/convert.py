@@ -242,8 +242,14 @@ def representative_inputs(ld, config, *, text_params, vae_params, latent_shift, 
 
 def build_components(config, ld, *, unet_params, frozen, image_size: int | None = None,
                      names: Sequence[str] = ("text_encoder", "unet_onestep", "unet", "decoder"),
-                     num_representative: int = 16, seed: int = 0) -> dict[str, Component]:
-  """The bundle's components from a diffusion config, its UNet params and its frozen part."""
+                     num_representative: int = 16, seed: int = 0,
+                     decoder: tuple | None = None) -> dict[str, Component]:
+  """The bundle's components from a diffusion config, its UNet params and its frozen part.
+
+  ``decoder``: (vae config, decoder params) of another decoder of the same VAE (the light
+  decoder, paper sec. 3.5) to export instead of the VAE's own.
+  """
+  dec_cfg, dec_params = decoder if decoder is not None else (config.vae, None)
   image_size = int(image_size or config.data.image_size)
   unet_params = _to_numpy(unet_params)
   frozen = _to_numpy(frozen)
@@ -264,8 +270,9 @@ def build_components(config, ld, *, unet_params, frozen, image_size: int | None 
           ld.unet, unet_params, ld.schedule, latent_shape=latent_shape,
           context_shape=context_shape, representative=reps["unet"]),
       decoder=lambda: decoder_component(
-          config.vae, frozen["vae"]["decoder"], frozen["latent_shift"], frozen["latent_scale"],
-          latent_shape=latent_shape, representative=reps["decoder"]),
+          dec_cfg, frozen["vae"]["decoder"] if dec_params is None else _to_numpy(dec_params),
+          frozen["latent_shift"], frozen["latent_scale"], latent_shape=latent_shape,
+          representative=reps["decoder"]),
   )
   unknown = [n for n in names if n not in makers]
   if unknown:
@@ -335,14 +342,67 @@ def components_from_config(config, **kw) -> tuple[dict[str, Component], Any]:
   return build_components(config, ld, unet_params=unet, frozen=frozen, seed=seed, **kw), ld
 
 
+def light_decoder_from_workdir(workdir: str, step: int | None = None, use_ema: bool = True
+                               ) -> dict[str, Any]:
+  """A light-decoder run's decoder (``configs/vae_light_decoder.py``, ``shapes.py:light_decoder``):
+  dict(vae_config, params, latent_shift, latent_scale, step, params_kind), EMA params by default.
+  The latent statistics are the VAE run's, carried in the light run's checkpoint."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  step = ckpt_lib.latest_step_in(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"decoder run {workdir}: no checkpoint there")
+  cfg = ml_collections.ConfigDict(ckpt_lib.read_config_json(workdir, step) or {})
+  if cfg.get("trainer") != "vae_light_decoder":
+    raise ValueError(f"decoder run {workdir} is a {cfg.get('trainer')!r} run; expected a "
+                     "light-decoder run (trainer 'vae_light_decoder')")
+  cfg.compute_dtype = EXPORT_COMPUTE_DTYPE
+  dec_abs = vae_obj.light_decoder_spec(cfg).abstract_params
+  c = int(cfg.vae.latent_channels)
+  stats_abs = {k: jax.ShapeDtypeStruct((c,), np.float32) for k in ("latent_shift", "latent_scale")}
+  which = "ema_params" if use_ema and cfg.ema_decay else "params"
+  try:
+    got, step = ckpt_lib.restore_subset(
+        workdir, {which: {vae_obj.LIGHT_DECODER: dec_abs}, "frozen": stats_abs}, step)
+  except ckpt_lib.MissingStateError:
+    if which == "params":
+      raise
+    which = "params"  # the run kept no EMA copy
+    got, step = ckpt_lib.restore_subset(
+        workdir, {which: {vae_obj.LIGHT_DECODER: dec_abs}, "frozen": stats_abs}, step)
+  return dict(vae_config=cfg.vae, params=_to_numpy(got[which][vae_obj.LIGHT_DECODER]),
+              latent_shift=np.asarray(got["frozen"]["latent_shift"]),
+              latent_scale=np.asarray(got["frozen"]["latent_scale"]), step=step,
+              params_kind=which)
+
+
+def check_same_latent_stats(frozen: dict, decoder: dict, run: str, decoder_run: str) -> None:
+  """A decoder only fits the latents of the VAE it was distilled against: refuse another's."""
+  for k in ("latent_shift", "latent_scale"):
+    a, b = np.asarray(frozen[k], np.float32), np.asarray(decoder[k], np.float32)
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-6, atol=1e-7):
+      raise ValueError(f"decoder run {decoder_run} was distilled against another VAE than "
+                       f"{run}: their {k} differ ({b.tolist()} vs {a.tolist()})")
+
+
 def components_from_workdir(workdir: str, *, step: int | None = None, use_ema: bool = True,
+                            decoder_from: str | None = None,
                             **kw) -> tuple[dict[str, Component], Any, Any, int]:
-  """Components from a diffusion run's Orbax checkpoint (EMA UNet params by default)."""
+  """Components from a diffusion run's Orbax checkpoint (EMA UNet params by default);
+  ``decoder_from``: a light-decoder run of the same VAE whose decoder replaces the VAE's."""
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   _compilation_cache(None)
   config, ld, _, unet, frozen, step = diff.load_for_sampling(
       workdir, step, use_ema, compute_dtype=EXPORT_COMPUTE_DTYPE)
-  comps = build_components(config, ld, unet_params=unet, frozen=frozen, **kw)
+  decoder = None
+  if decoder_from:
+    light = light_decoder_from_workdir(decoder_from, use_ema=use_ema)
+    check_same_latent_stats(frozen, light, workdir, decoder_from)
+    decoder = (light["vae_config"], light["params"])
+    ld.decoder_source = dict(workdir=os.path.abspath(decoder_from), step=light["step"],
+                             params=light["params_kind"])
+  comps = build_components(config, ld, unet_params=unet, frozen=frozen, decoder=decoder, **kw)
   return comps, ld, config, step
 
 

@@ -175,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workdir", help="diffusion run to export (EMA weights by default)")
   parser.add_argument("--step", type=int)
   parser.add_argument("--noema", action="store_true", help="raw params instead of EMA")
+  parser.add_argument("--decoder_from", help="light-decoder run (configs/vae_light_decoder.py) "
+                      "of the same VAE: export its decoder instead of the VAE's")
   parser.add_argument("--out", required=True)
   parser.add_argument("--precisions", default="fp32,fp16,int8")
   parser.add_argument("--components", default="text_encoder,unet_onestep,unet,decoder")
@@ -191,10 +193,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   kw = dict(names=names, image_size=args.image_size, num_representative=args.num_representative)
   t0 = time.time()
   if args.workdir:
-    comps, ld, config, step = conv.components_from_workdir(
-        args.workdir, step=args.step, use_ema=not args.noema, **kw)
+    try:
+      comps, ld, config, step = conv.components_from_workdir(
+          args.workdir, step=args.step, use_ema=not args.noema, decoder_from=args.decoder_from,
+          **kw)
+    except (FileNotFoundError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
     source = dict(workdir=os.path.abspath(args.workdir), step=step,
                   params="params" if args.noema else "ema_params")
+    if getattr(ld, "decoder_source", None):
+      source["decoder"] = ld.decoder_source
+  elif args.decoder_from:
+    parser.error("--decoder_from needs --workdir (the diffusion run whose VAE it was distilled "
+                 "against)")
   elif args.config:
     from md_jax import config_loading  # pylint: disable=g-import-not-at-top
     config = config_loading.load_config(args.config)
