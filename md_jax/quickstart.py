@@ -40,8 +40,8 @@ EXPORT_COMPONENTS = ("text_encoder", "unet_onestep", "decoder")
 
 def export_stage(workdir: str, source_stage: str = EXPORT_SOURCE) -> dict:
   """Bundle of WORKDIR/<source_stage> in WORKDIR/bundle (skipped when it already holds that
-  run's latest checkpoint step), then the LiteRT pipeline once per precision on the bundle's golden prompt and
-  seed, compared with the JAX one-call image stored in the bundle."""
+  run's latest checkpoint step), then the LiteRT pipeline once per precision on the bundle's
+  golden prompt and seed, compared with the JAX one-call image stored in the bundle."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from tflite_export import check as check_lib  # pylint: disable=g-import-not-at-top
@@ -160,8 +160,8 @@ def _print_summary(summary, workdir):
       print(f"[quickstart] {what}: {ev['num_samples']} samples, {ev['sampler']} "
             f"{ev['num_steps']} steps, cfg {ev['guidance_scale']}; grid: {ev['grid']}")
       print(json.dumps(ev["scores"], indent=1, default=str))
-  rows = [(w, summary[k]["scores"]) for k, w in (("eval", "DDIM-50 (base)"),
-                                                  ("onestep_eval", "one-step (UFOGen)"))
+  rows = [(w.format(**summary[k]), summary[k]["scores"])
+          for k, w in (("eval", "DDIM-{num_steps} (base)"), ("onestep_eval", "one-step (UFOGen)"))
           if k in summary]
   if rows:
     print("[quickstart] judge accuracy      colour  shape  position  all")
