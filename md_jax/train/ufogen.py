@@ -304,8 +304,13 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     d = self._draws(params, frozen, batch, step)
     fake_prev = sch.q_sample(self.ld.schedule, jax.lax.stop_gradient(d["x0_fake"]), d["t_prev"],
                              d["noise_fake"])
-    real = self.discriminate(params["disc"], d["real_prev"], d["t_prev"], d["context"])
-    fake = self.discriminate(params["disc"], fake_prev, d["t_prev"], d["context"])
+    # One D pass over real and fake together: half the D graph to compile and run (every op of
+    # D is per example). Interleaved (real_i, fake_i), so a batch sharded over devices stays
+    # where it is.
+    both = lambda a, b: jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+    logits = self.discriminate(params["disc"], both(d["real_prev"], fake_prev),
+                               both(d["t_prev"], d["t_prev"]), both(d["context"], d["context"]))
+    real, fake = logits[0::2], logits[1::2]
     loss = jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
     acc = 0.5 * (jnp.mean((real > 0).astype(jnp.float32)) + jnp.mean((fake < 0).astype(jnp.float32)))
     return loss, dict(real_logit=jnp.mean(real), fake_logit=jnp.mean(fake), accuracy=acc)
