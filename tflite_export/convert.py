@@ -387,17 +387,18 @@ def check_same_latent_stats(frozen: dict, decoder: dict, run: str, decoder_run: 
 
 
 def components_from_workdir(workdir: str, *, step: int | None = None, use_ema: bool = True,
-                            decoder_from: str | None = None,
+                            decoder_from: str | None = None, decoder_step: int | None = None,
                             **kw) -> tuple[dict[str, Component], Any, Any, int]:
   """Components from a diffusion run's Orbax checkpoint (EMA UNet params by default);
-  ``decoder_from``: a light-decoder run of the same VAE whose decoder replaces the VAE's."""
+  ``decoder_from``: a light-decoder run of the same VAE whose decoder (at ``decoder_step``,
+  default its latest) replaces the VAE's."""
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   _compilation_cache(None)
   config, ld, _, unet, frozen, step = diff.load_for_sampling(
       workdir, step, use_ema, compute_dtype=EXPORT_COMPUTE_DTYPE)
   decoder = None
   if decoder_from:
-    light = light_decoder_from_workdir(decoder_from, use_ema=use_ema)
+    light = light_decoder_from_workdir(decoder_from, decoder_step, use_ema=use_ema)
     check_same_latent_stats(frozen, light, workdir, decoder_from)
     decoder = (light["vae_config"], light["params"])
     ld.decoder_source = dict(workdir=os.path.abspath(decoder_from), step=light["step"],

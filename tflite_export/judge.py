@@ -7,9 +7,9 @@ For the shapes evaluation prompts (seen and held-out attribute combinations, as 
 evaluation draws them), each sample's noise is numpy-seeded from (seed, index), so the LiteRT
 files and the JAX functions they were converted from see identical inputs. The JAX side rebuilds
 the bundle's components from the run and step its manifest names (the float32 graphs that were
-converted). Reports the judge's scores (strict, and without the sharpness check as a diagnostic)
-for JAX and each precision, how often each precision's verdict agrees with JAX's per attribute,
-and the PSNR of its images against JAX's.
+converted, with the light decoder when the bundle has one). Reports the judge's scores (strict,
+and without the sharpness check as a diagnostic) for JAX and each precision, how often each
+precision's verdict agrees with JAX's per attribute, and the PSNR of its images against JAX's.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ def _jax_images(bundle: str, manifest: dict, prompts, noises, log) -> np.ndarray
   if not src.get("workdir"):
     raise ValueError(f"{bundle}/manifest.json names no source run; the JAX reference needs one")
   names = ("text_encoder", "unet_onestep", "decoder")
+  decoder = src.get("decoder") or {}  # a light decoder exported with --decoder_from
   comps, ld, _, step = convert.components_from_workdir(
-      src["workdir"], step=src.get("step"), names=names, num_representative=1)
+      src["workdir"], step=src.get("step"), names=names, num_representative=1,
+      decoder_from=decoder.get("workdir"), decoder_step=decoder.get("step"))
   log(f"JAX reference: {src['workdir']} step {step}")
   out = []
   for prompt, noise in zip(prompts, noises):
