@@ -44,8 +44,10 @@ def finetune(cell: str, args) -> str:
   if os.path.exists(os.path.join(workdir, "final.json")):
     return workdir
   recon_finetune = "diffusion,full" if cell == NO_ADV else cell
-  cmd = [sys.executable, "-m", "md_jax.main",
-         f"--config=configs/ufogen.py:{recon_finetune},{args.size}", f"--workdir={workdir}",
+  # The size only when not the default: 'full' would be read as the finetune kind.
+  arg = recon_finetune if args.size == "full" else f"{recon_finetune},{args.size}"
+  cmd = [sys.executable, "-m", "md_jax.main", f"--config=configs/ufogen.py:{arg}",
+         f"--workdir={workdir}",
          f"--config.init_from={os.path.abspath(args.base)}", "--config.progress_bar=False",
          "--config.eval_at_end=False"]
   if cell == NO_ADV:

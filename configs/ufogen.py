@@ -25,19 +25,22 @@ SIZES = ("full", "smoke", "tiny", "md512", "md256")
 
 
 def parse_arg(arg: str | None) -> tuple[str, str, str]:
-  recon, finetune, size = "diffusion", "full", "full"
+  got = {}
   for tok in [p for p in (arg or "").replace(":", ",").split(",") if p]:
-    if tok in ufogen.RECON_TERMS:
-      recon = tok
-    elif tok in ufogen.FINETUNE_KINDS:
-      finetune = tok
-    elif tok in SIZES:
-      size = tok
-    else:
+    # 'full' is read as the finetune kind (the default size is full as well).
+    kind = ("reconstruction term" if tok in ufogen.RECON_TERMS else
+            "finetune kind" if tok in ufogen.FINETUNE_KINDS else
+            "size" if tok in SIZES else None)
+    if kind is None:
       raise ValueError(f"configs/ufogen.py:{arg}: unknown part {tok!r}; expected a "
                        f"reconstruction term {ufogen.RECON_TERMS}, {ufogen.FINETUNE_KINDS} or a "
                        f"size {SIZES}")
-  return recon, finetune, size
+    if got.get(kind, tok) != tok:  # e.g. 'lora,full': a LoRA run silently became a full one
+      raise ValueError(f"configs/ufogen.py:{arg}: two {kind}s, {got[kind]!r} and {tok!r} ('full' "
+                       "is the finetune kind here; the size is full when none is given)")
+    got[kind] = tok
+  return (got.get("reconstruction term", "diffusion"), got.get("finetune kind", "full"),
+          got.get("size", "full"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

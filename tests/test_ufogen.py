@@ -85,6 +85,17 @@ def ema_trained(pretrained, tmp_path_factory):
                 **{"ufogen.disc.encoder_only": True})
 
 
+def test_config_arg_refuses_two_finetune_kinds():
+  """'lora,full' used to give a full finetune without a word ('full' is a kind and a size)."""
+  with pytest.raises(ValueError, match="two finetune kinds, 'lora' and 'full'"):
+    config_loading.load_config("configs/ufogen.py:diffusion,lora,full")
+  assert config_loading.load_config("configs/ufogen.py:lora,smoke").ufogen.finetune == "lora"
+  assert config_loading.load_config("configs/ufogen.py:diffusion,full,full").ufogen.finetune == \
+      "full"
+  with pytest.raises(ValueError, match="two reconstruction terms"):
+    config_loading.load_config("configs/ufogen.py:ema,distill")
+
+
 def test_configs_cover_table5_and_reject_bad_settings(pretrained, tmp_path):
   default = config_loading.load_config("configs/ufogen.py")
   assert (default.ufogen.recon, default.ufogen.finetune) == ("diffusion", "full")
