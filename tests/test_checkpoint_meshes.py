@@ -82,3 +82,30 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous(tmp_path, caplog)
   assert result["step"] == 6
   assert any("step 4, is unreadable" in r.getMessage() for r in caplog.records)
   assert ckpt_lib.latest_step_in(workdir) == 6
+
+
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_restore_preferring_ema_falls_back_only_for_a_missing_ema(tmp_path, with_ema):
+  """Sampling, export and the later stages read a run's EMA weights, or its params when the run
+  kept no EMA copy; any other missing part is an error, not a silent fallback."""
+  params = {"unet": {"w": np.full((2, 3), 1.0, np.float32)}}
+  ema = {"unet": {"w": np.full((2, 3), 2.0, np.float32)}}
+  frozen = {"stats": np.arange(4, dtype=np.float32)}
+  state = dict(params=params, frozen=frozen, **({"ema_params": ema} if with_ema else {}))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(7, state, None, {"trainer": "test"})
+  ckpt.close()
+  abstract = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+
+  got, others, step, which = ckpt_lib.restore_preferring_ema(
+      str(tmp_path), abstract(params), {"frozen": abstract(frozen)})
+  assert step == 7 and which == ("ema_params" if with_ema else "params")
+  np.testing.assert_array_equal(got["unet"]["w"], (ema if with_ema else params)["unet"]["w"])
+  np.testing.assert_array_equal(others["frozen"]["stats"], frozen["stats"])
+  got, _, _, which = ckpt_lib.restore_preferring_ema(str(tmp_path), abstract(params),
+                                                     use_ema=False)
+  assert which == "params" and float(got["unet"]["w"][0, 0]) == 1.0
+  with pytest.raises(ckpt_lib.MissingStateError, match="teacher") as err:
+    ckpt_lib.restore_preferring_ema(str(tmp_path), abstract(params),
+                                    {"teacher": abstract(params)})
+  assert "teacher" in err.value.missing

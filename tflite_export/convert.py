@@ -361,17 +361,10 @@ def light_decoder_from_workdir(workdir: str, step: int | None = None, use_ema: b
   dec_abs = vae_obj.light_decoder_spec(cfg).abstract_params
   c = int(cfg.vae.latent_channels)
   stats_abs = {k: jax.ShapeDtypeStruct((c,), np.float32) for k in ("latent_shift", "latent_scale")}
-  which = "ema_params" if use_ema and cfg.ema_decay else "params"
-  try:
-    got, step = ckpt_lib.restore_subset(
-        workdir, {which: {vae_obj.LIGHT_DECODER: dec_abs}, "frozen": stats_abs}, step)
-  except ckpt_lib.MissingStateError:
-    if which == "params":
-      raise
-    which = "params"  # the run kept no EMA copy
-    got, step = ckpt_lib.restore_subset(
-        workdir, {which: {vae_obj.LIGHT_DECODER: dec_abs}, "frozen": stats_abs}, step)
-  return dict(vae_config=cfg.vae, params=_to_numpy(got[which][vae_obj.LIGHT_DECODER]),
+  params, got, step, which = ckpt_lib.restore_preferring_ema(
+      workdir, {vae_obj.LIGHT_DECODER: dec_abs}, {"frozen": stats_abs}, step,
+      use_ema=bool(use_ema and cfg.ema_decay))
+  return dict(vae_config=cfg.vae, params=_to_numpy(params[vae_obj.LIGHT_DECODER]),
               latent_shift=np.asarray(got["frozen"]["latent_shift"]),
               latent_scale=np.asarray(got["frozen"]["latent_scale"]), step=step,
               params_kind=which)

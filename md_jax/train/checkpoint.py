@@ -33,7 +33,11 @@ class UnreadableCheckpointError(RuntimeError):
 
 
 class MissingStateError(KeyError):
-  """The checkpoint has no such top-level part (e.g. no EMA params)."""
+  """The checkpoint has no such top-level part (e.g. no EMA params); ``missing`` names them."""
+
+  def __init__(self, message: str, missing=()):
+    super().__init__(message)
+    self.missing = tuple(missing)
 
 
 def is_remote(path: str) -> bool:
@@ -203,7 +207,7 @@ def restore_subset(workdir: str, abstract_subset: dict, step: int | None = None)
     saved = getattr(meta, "tree", meta)
     missing = [k for k in abstract_subset if k not in saved or saved[k] is None]
     if missing:
-      raise MissingStateError(f"{workdir} (step {step}) has no {missing} in its state")
+      raise MissingStateError(f"{workdir} (step {step}) has no {missing} in its state", missing)
     check_compatible({k: saved[k] for k in abstract_subset}, abstract_subset,
                      f"{workdir} (step {step})")
     args = ocp.args.PyTreeRestore(item=abstract_subset, restore_args=_restore_args(abstract_subset),
@@ -212,6 +216,24 @@ def restore_subset(workdir: str, abstract_subset: dict, step: int | None = None)
     return {k: restored[k] for k in abstract_subset}, step
   finally:
     mngr.close()
+
+
+def restore_preferring_ema(workdir: str, group: dict, others: dict | None = None,
+                            step: int | None = None, use_ema: bool = True
+                            ) -> tuple[dict, dict, int, str]:
+  """Restores one group of another run's params: its EMA copy when ``use_ema`` and the run kept
+  one, else its params; plus ``others`` (top-level parts, e.g. ``{"frozen": ...}``) in the same
+  read. Returns (group, others restored, step, "ema_params" | "params")."""
+  others = dict(others or {})
+  for which in ("ema_params", "params") if use_ema else ("params",):
+    try:
+      got, step_read = restore_subset(workdir, {which: group, **others}, step)
+    except MissingStateError as e:
+      if which == "params" or set(e.missing) != {"ema_params"}:
+        raise
+      continue  # the run kept no EMA copy
+    return got[which], {k: got[k] for k in others}, step_read, which
+  raise AssertionError("unreachable")
 
 
 def read_config_json(workdir: str, step: int | None = None) -> dict[str, Any]:

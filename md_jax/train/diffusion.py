@@ -232,24 +232,17 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
     lora = ufogen.lora_spec(config, ld.unet)
     lora_sh = shd.tree_shardings(lora.abstract_params, lora.logical, rules, mesh)
     lora_abs = jax.tree.map(place, lora.abstract_params, lora_sh)
-    got, step = ckpt_lib.restore_subset(
-        workdir, {which: {"unet_lora": lora_abs}, "frozen": dict(frozen_abs, unet=unet_abs)},
-        step)
+    factors, got, step, which = ckpt_lib.restore_preferring_ema(
+        workdir, {"unet_lora": lora_abs}, {"frozen": dict(frozen_abs, unet=unet_abs)}, step,
+        use_ema=which == "ema_params")
     frozen = dict(got["frozen"])
-    unet = jax.jit(lora.merge, out_shardings=unet_sh)(frozen.pop("unet"), got[which]["unet_lora"])
+    unet = jax.jit(lora.merge, out_shardings=unet_sh)(frozen.pop("unet"), factors["unet_lora"])
     ld.restored_params = which
     return config, ld, mesh, unet, frozen, step
-  try:
-    got, step = ckpt_lib.restore_subset(workdir, {which: {"unet": unet_abs}, "frozen": frozen_abs},
-                                        step)
-  except ckpt_lib.MissingStateError:
-    if which == "params":
-      raise
-    which = "params"  # the run kept no EMA copy
-    got, step = ckpt_lib.restore_subset(workdir, {which: {"unet": unet_abs}, "frozen": frozen_abs},
-                                        step)
+  params, got, step, which = ckpt_lib.restore_preferring_ema(
+      workdir, {"unet": unet_abs}, {"frozen": frozen_abs}, step, use_ema=which == "ema_params")
   ld.restored_params = which
-  return config, ld, mesh, got[which]["unet"], got["frozen"], step
+  return config, ld, mesh, params["unet"], got["frozen"], step
 
 
 @loop.register("diffusion")
@@ -276,15 +269,10 @@ class DiffusionObjective(loop.Objective):
     stats_abs = {k: jax.ShapeDtypeStruct((int(cfg.vae.latent_channels),), jnp.float32,
                                          sharding=shardings[k])
                  for k in ("latent_shift", "latent_scale")}
-    try:
-      got, step = ckpt_lib.restore_subset(
-          cfg.vae_workdir, {"ema_params": {"vae": vae_abs}, "frozen": stats_abs})
-      vae_params = got["ema_params"]["vae"]
-    except ckpt_lib.MissingStateError:  # the VAE run kept no EMA copy
-      got, step = ckpt_lib.restore_subset(
-          cfg.vae_workdir, {"params": {"vae": vae_abs}, "frozen": stats_abs})
-      vae_params = got["params"]["vae"]
-    logging.info("VAE from %s step %d", cfg.vae_workdir, step)
+    vae_params, got, step, which = ckpt_lib.restore_preferring_ema(
+        cfg.vae_workdir, {"vae": vae_abs}, {"frozen": stats_abs})
+    vae_params = vae_params["vae"]
+    logging.info("VAE (%s) from %s step %d", which, cfg.vae_workdir, step)
     hf_dir = str(cfg.text.get("hf_dir", "") or "")
     if hf_dir:
       text_params = jax.device_put(load_hf_text_params(cfg, hf_dir), shardings["text"])

@@ -199,13 +199,9 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
 
   def _restore_unet(self, abstract_unet):
     """The pretrained UNet (its EMA if the run kept one) placed like ``abstract_unet``."""
-    src = self.config.init_from
-    try:
-      got, step = ckpt_lib.restore_subset(src, {"ema_params": {"unet": abstract_unet}})
-      return got["ema_params"]["unet"], step, "ema_params"
-    except ckpt_lib.MissingStateError:
-      got, step = ckpt_lib.restore_subset(src, {"params": {"unet": abstract_unet}})
-      return got["params"]["unet"], step, "params"
+    params, _, step, which = ckpt_lib.restore_preferring_ema(self.config.init_from,
+                                                             {"unet": abstract_unet})
+    return params["unet"], step, which
 
   def init_frozen(self, shardings):
     abstract, _ = self.ld.frozen_spec()
