@@ -266,6 +266,11 @@ def check_ranges(stats: dict[str, dict], delegate: str, report: Report) -> None:
   report.metrics["max_abs_activation"] = {k: round(v["max_abs"], 4) for k, v in top}
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Images in [0, 1] to the uint8 pixels an app shows (round to nearest, clipped)."""
+  return np.clip(np.round(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+
+
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
   mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
   return float("inf") if mse == 0 else 10.0 * np.log10(peak ** 2 / mse)

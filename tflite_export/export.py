@@ -32,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tflite_export import check as check_lib
+
 DEFAULT_PROMPT = "a red circle in the top left corner"
 FORMAT_VERSION = 1
 
@@ -63,7 +65,7 @@ def golden_vectors(components: dict, ld, prompt: str, seed: int) -> dict:
     if "decoder" in components:
       image = components["decoder"].jax_apply(out["x0"])["image"]
       out["image"] = image
-      out["image_u8"] = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+      out["image_u8"] = check_lib.to_uint8(image)
   return out
 
 
@@ -89,7 +91,6 @@ def write_bundle(out: str, components: dict, ld, config, *, precisions: Sequence
                  force: bool = False, num_parity: int = 2, log=print) -> dict:
   """Converts, checks and writes the bundle; raises BundleCheckError (nothing written) on a
   failed check unless `force`."""
-  from tflite_export import check as check_lib  # pylint: disable=g-import-not-at-top
   from tflite_export import convert as conv  # pylint: disable=g-import-not-at-top
   staging = out.rstrip("/") + ".partial"
   shutil.rmtree(staging, ignore_errors=True)

@@ -55,10 +55,6 @@ def _jax_images(bundle: str, manifest: dict, prompts, noises, log) -> np.ndarray
   return np.stack(out)
 
 
-def _u8(images: np.ndarray) -> np.ndarray:
-  return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
-
-
 def judge_bundle(bundle: str, *, precisions: Sequence[str] = ("fp16", "int8"),
                  num_samples: int = 256, seed: int | None = None, log=print) -> dict:
   """Scores of JAX and of each precision on the same prompts and noise (see the module doc)."""
@@ -98,7 +94,7 @@ def judge_bundle(bundle: str, *, precisions: Sequence[str] = ("fp16", "int8"),
   for suffix, strict in (("", True), ("_without_sharpness_check", False)):
     verdicts = {}
     for name, ims in images.items():
-      u8 = _u8(ims)
+      u8 = check_lib.to_uint8(ims)
       verdicts[name] = [shapes_judge.judge(im, pr, require_sharp=strict)
                         for im, pr in zip(u8, prompts)]
       report["scores" + suffix][name] = shapes_judge.summarise(verdicts[name], held_out=held)

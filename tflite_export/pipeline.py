@@ -57,8 +57,8 @@ class BundlePipeline:
     noise = pipeline_noise(seed, self.latent_shape) if noise is None else noise
     x0 = check_lib.run(self.runners["unet_onestep"], {"noise": noise, "context": hidden})["x0"]
     image = check_lib.run(self.runners["decoder"], {"latent": x0})["image"]
-    u8 = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
-    return dict(input_ids=ids, hidden=hidden, noise=noise, x0=x0, image=image, image_u8=u8)
+    return dict(input_ids=ids, hidden=hidden, noise=noise, x0=x0, image=image,
+                image_u8=check_lib.to_uint8(image))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
