@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from absl import app
@@ -42,7 +43,14 @@ def main(argv):
     sys.exit(1)
   summary = {k: result[k] for k in ("step", "preempted", "workdir")}
   summary["eval"] = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, (int, float))}
-  print(json.dumps(summary))
+  # One write of the whole line: the processes of a multi-process run share one stdout (a pipe
+  # under launch/tpu.py local), and a line written in pieces can interleave with another's.
+  line = json.dumps(summary) + "\n"
+  sys.stdout.flush()
+  try:
+    os.write(sys.stdout.fileno(), line.encode())
+  except (AttributeError, OSError, ValueError):  # stdout replaced by an object with no fd
+    sys.stdout.write(line)
 
 
 if __name__ == "__main__":
