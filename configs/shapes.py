@@ -205,10 +205,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.batch_size = 8
     c.sample.grid_columns = 4
     c.eval_at_end = True
-  if stage == "light_decoder":  # half the widths, one resblock fewer per level; no KL
-    c.vae.decoder_channels = tuple(max(ch // 2, c.vae.norm_groups) for ch in c.vae.channels)
+  if stage == "light_decoder":
+    # One resblock fewer per level and 3/4 of the widths below full resolution; no KL. Measured
+    # on the quickstart's VAE (800 steps each, held-out PSNR; full decoder 22.93 dB): half widths
+    # (8, 16, 32, 32) reach 16.3 dB from a random start and 18.0 dB pruned (18.5 dB at 2400
+    # steps), these widths 22.7 dB random and 23.2 dB pruned, with sharper edges than the full
+    # decoder's (0.70 vs 0.88 px).
+    g = c.vae.norm_groups
+    c.vae.decoder_channels = tuple(
+        ch if i == 0 else max(g, (3 * ch // 4) // g * g) for i, ch in enumerate(c.vae.channels))
     c.vae.decoder_res_blocks = 0
     c.vae.kl_weight = 0.0
     c.vae.adversarial.weight = 0.1 * c.vae.adversarial.weight  # paper: reduced
+    c.vae.light_init = "prune"  # start from the VAE's decoder cut to these widths and depth
   c.unet.context_dim = c.text.hidden_size
   return c

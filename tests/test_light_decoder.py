@@ -50,8 +50,12 @@ def test_light_decoder_config_shapes():
   config = tiny_config("light_decoder")
   assert config.trainer == "vae_light_decoder"
   assert config.vae.kl_weight == 0.0
-  assert tuple(config.vae.decoder_channels) == (4, 8, 8, 8)
+  # Full width at full resolution, 3/4 below (multiples of the GroupNorm groups); one
+  # resblock per level instead of two; started from the VAE's decoder.
+  assert tuple(config.vae.channels) == (8, 16, 16, 16)
+  assert tuple(config.vae.decoder_channels) == (8, 12, 12, 12)
   assert config.vae.decoder_res_blocks == 0
+  assert config.vae.light_init == "prune"
 
 
 def test_light_decoder_needs_vae_workdir(tmp_path):
@@ -131,6 +135,42 @@ def test_light_decoder_trains_against_frozen_encoder(vae_workdir, tmp_path):
     convert.check_same_latent_stats(other, light, vae_workdir, workdir)
   with pytest.raises(ValueError, match="expected a light-decoder run"):
     convert.light_decoder_from_workdir(vae_workdir)
+
+
+def test_light_decoder_starts_pruned_from_the_vae_decoder(vae_workdir, tmp_path):
+  """vae.light_init='prune': the light decoder (and its EMA) starts as the VAE run's EMA
+  decoder cut to its widths and depth (leading channels, first resblocks); D starts fresh."""
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  config = tiny_config("light_decoder", vae_workdir=vae_workdir,
+                       **{"vae.adversarial.weight": 0.05})
+  assert config.vae.light_init == "prune"  # the shipped default
+  trainer = loop.Trainer(config, str(tmp_path))
+  state = trainer.init_state()
+  full_abs = vae_obj.full_decoder_spec(config).abstract_params
+  got, _ = ckpt_lib.restore_subset(vae_workdir, {"ema_params": {"vae": {"decoder": full_abs}}})
+  full = _flat(got["ema_params"]["vae"]["decoder"])
+  light, ema = _flat(state["params"]["light_decoder"]), _flat(state["ema_params"]["light_decoder"])
+  assert len(light) < len(full)  # one resblock per level fewer
+  assert sum(v.shape != full[k].shape for k, v in light.items()) > len(light) // 2  # narrower
+  for k, v in light.items():
+    want = full[k][tuple(slice(0, n) for n in v.shape)]
+    np.testing.assert_array_equal(v, want, err_msg=k)
+    np.testing.assert_array_equal(ema[k], want, err_msg=k)
+  assert "disc" in state["params"]
+  fresh = loop.Trainer(tiny_config("light_decoder", vae_workdir=vae_workdir,
+                                   **{"vae.light_init": "random"}), str(tmp_path / "fresh"))
+  fresh_light = _flat(fresh.init_state()["params"]["light_decoder"])
+  assert not np.array_equal(fresh_light["['conv_in']['kernel']"], light["['conv_in']['kernel']"])
+  # A light decoder wider than the VAE's cannot be pruned from it; an unknown mode is named.
+  wide = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[:-1] + (a.shape[-1] + 1,), a.dtype),
+                      vae_obj.light_decoder_spec(config).abstract_params)
+  with pytest.raises(ValueError, match="narrower, not wider"):
+    vae_obj.prune_to(got["ema_params"]["vae"]["decoder"], wide)
+  bad = tiny_config("light_decoder", vae_workdir=vae_workdir, **{"vae.light_init": "copy"})
+  with pytest.raises(ValueError, match="vae.light_init"):
+    loop.Trainer(bad, str(tmp_path / "bad")).init_state()
 
 
 def test_light_decoder_export_safe():

@@ -479,18 +479,44 @@ def restore_encoder_and_stats(config, encoder_abstract, stats_abstract):
   if not config.vae_workdir:
     raise ValueError("config.vae_workdir is empty: the light decoder trains against the frozen "
                      "encoder of a VAE run; pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN")
-  for which in ("ema_params", "params"):
-    try:
-      got, step = ckpt_lib.restore_subset(
-          config.vae_workdir, {which: {"vae": {"encoder": encoder_abstract}},
-                               "frozen": stats_abstract})
-    except ckpt_lib.MissingStateError:
-      if which == "params":
-        raise
-      continue  # the VAE run kept no EMA copy
-    logging.info("encoder (%s) and latent stats from %s step %d", which, config.vae_workdir, step)
-    return got[which]["vae"]["encoder"], got["frozen"], step
-  raise AssertionError("unreachable")
+  params, got, step, which = ckpt_lib.restore_preferring_ema(
+      config.vae_workdir, {"vae": {"encoder": encoder_abstract}}, {"frozen": stats_abstract})
+  logging.info("encoder (%s) and latent stats from %s step %d", which, config.vae_workdir, step)
+  return params["vae"]["encoder"], got["frozen"], step
+
+
+def full_decoder_spec(config) -> ModelSpec:
+  """The VAE run's own decoder (``vae.channels`` / ``num_res_blocks``), whatever the light
+  decoder's widths in ``config``."""
+  vae_cfg = ml_collections.ConfigDict(config.vae.to_dict())
+  vae_cfg.decoder_channels = None
+  vae_cfg.decoder_res_blocks = None
+  return ModelSpec("decoder", lambda rngs: vae_lib.Decoder(vae_cfg, rngs=rngs,
+                                                          dtype=compute_dtype(config)))
+
+
+def prune_to(full: dict, abstract: dict, where: str = "decoder") -> dict:
+  """A narrower, shallower copy of ``full``: for every leaf of ``abstract`` the same path in
+  ``full``, cut to the leaf's shape by keeping the leading entries of each axis.
+
+  Keeping channels 0..c-1 everywhere is consistent across layers (what one conv writes to
+  channel i the next reads from channel i, the residual stream included), and a level's
+  first resblocks are kept when the light decoder has fewer: a trained starting point for
+  distillation rather than a random one (paper sec. 3.5 prunes the decoder).
+  """
+  flat_full = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(full)[0]}
+
+  def cut(path, a):
+    key = jax.tree_util.keystr(path)
+    if key not in flat_full:
+      raise ValueError(f"cannot prune {where}: the full decoder has no {key}")
+    src = flat_full[key]
+    if src.ndim != len(a.shape) or any(n > m for n, m in zip(a.shape, src.shape)):
+      raise ValueError(f"cannot prune {where}{key}: {tuple(src.shape)} -> {tuple(a.shape)} "
+                       "(the light decoder must be narrower, not wider)")
+    return src[tuple(slice(0, n) for n in a.shape)].astype(a.dtype)
+
+  return jax.tree_util.tree_map_with_path(cut, abstract)
 
 
 @loop.register("vae_light_decoder")
@@ -530,6 +556,42 @@ class LightDecoderObjective(VAEObjective):
     return (dict(encoder=self.encoder.abstract_params, **stats_abs, **p_abs),
             dict(encoder=self.encoder.logical, **stats_logical, **p_logical))
 
+  def load_init_from(self, abstract):
+    """With ``vae.light_init = "prune"``: the light decoder (and its EMA) starts as the VAE
+    run's decoder cut to its widths and depth (``prune_to``); D, if any, starts fresh."""
+    how = str(self.config.vae.get("light_init", "random"))
+    if how == "random":
+      return None
+    if how != "prune":
+      raise ValueError(f"config.vae.light_init must be 'prune' or 'random', got {how!r}")
+    if not self.config.vae_workdir:
+      raise ValueError("config.vae_workdir is empty: vae.light_init='prune' starts the light "
+                       "decoder from a VAE run's decoder")
+    light = self.pruned_decoder(abstract["params"][LIGHT_DECODER])
+    params = {LIGHT_DECODER: light}
+    if self.disc is not None:
+      d_abs = abstract["params"]["disc"]
+      params["disc"] = jax.jit(self.disc.init, out_shardings=jax.tree.map(lambda a: a.sharding,
+                                                                          d_abs))(
+          jax.random.fold_in(jax.random.key(int(self.config.seed)), 1))
+    return {"params": params, "ema_params": {LIGHT_DECODER: jax.tree.map(jnp.copy, light)}}
+
+  def pruned_decoder(self, target=None) -> dict:
+    """The VAE run's decoder (EMA if kept) cut to the light decoder's shapes, placed like
+    ``target`` (abstract leaves with shardings; default: this machine's first device)."""
+    from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    target = self.decoder.abstract_params if target is None else target
+    full, _, step, which = ckpt_lib.restore_preferring_ema(
+        self.config.vae_workdir,
+        {"vae": {"decoder": full_decoder_spec(self.config).abstract_params}})
+    leaves = jax.tree.leaves(target)
+    shardings = (jax.tree.map(lambda a: a.sharding, target)
+                 if all(getattr(a, "sharding", None) is not None for a in leaves) else None)
+    light = jax.jit(lambda f: prune_to(f, target), out_shardings=shardings)(full["vae"]["decoder"])
+    logging.info("light decoder pruned from the decoder (%s) of %s step %d", which,
+                 self.config.vae_workdir, step)
+    return light
+
   def init_frozen(self, shardings):
     enc_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            self.encoder.abstract_params, shardings["encoder"])
@@ -560,9 +622,13 @@ class LightDecoderObjective(VAEObjective):
     return state  # the latent stats are the VAE run's, carried over in ``frozen``
 
   def _baseline_eval(self, recon, state, x, images) -> dict:
-    """PSNR of a freshly initialised light decoder (seed ``config.seed``): what distillation
-    gains over the decoder it starts from."""
-    init = jax.jit(self.decoder.init)(jax.random.key(int(self.config.seed)))
+    """PSNR of the decoder distillation starts from (freshly initialised with seed
+    ``config.seed``, or pruned from the VAE's with ``vae.light_init = "prune"``): what
+    distillation gains over it."""
+    if str(self.config.vae.get("light_init", "random")) == "prune":
+      init = self.pruned_decoder()
+    else:
+      init = jax.jit(self.decoder.init)(jax.random.key(int(self.config.seed)))
     y = images_lib.gather_to_host(recon({LIGHT_DECODER: init}, state["frozen"], x))
     mse = float(np.mean((np.clip(y, -1, 1) - images) ** 2))
     return {"eval/recon_psnr_at_init": float(10 * np.log10(4.0 / max(mse, 1e-10)))}
