@@ -64,14 +64,21 @@ def test_light_decoder_needs_vae_workdir(tmp_path):
     loop.train_and_evaluate(tiny_config("light_decoder", eval_at_end=False), str(tmp_path))
 
 
-def test_light_decoder_trains_against_frozen_encoder(vae_workdir, tmp_path):
-  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+@pytest.fixture(scope="module")
+def light_run(vae_workdir, tmp_path_factory):
+  """A tiny light-decoder run (4 steps, GAN term on) against the tiny VAE run."""
   from md_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path)
+  workdir = str(tmp_path_factory.mktemp("light"))
   config = tiny_config("light_decoder", vae_workdir=vae_workdir,
                        **{"vae.adversarial.weight": 0.05})
   loop.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_light_decoder_trains_against_frozen_encoder(vae_workdir, light_run):
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  config, workdir = light_run
 
   enc_abs = vae_obj.encoder_spec(config).abstract_params
   dec_abs = vae_obj.light_decoder_spec(config).abstract_params
@@ -135,6 +142,44 @@ def test_light_decoder_trains_against_frozen_encoder(vae_workdir, tmp_path):
     convert.check_same_latent_stats(other, light, vae_workdir, workdir)
   with pytest.raises(ValueError, match="expected a light-decoder run"):
     convert.light_decoder_from_workdir(vae_workdir)
+
+
+def test_diffusion_stages_decode_with_a_light_decoder_run(vae_workdir, light_run, tmp_path):
+  """vae_workdir = a light-decoder run: latents through the encoder it was distilled against
+  (the VAE's), samples decoded by its EMA light decoder; the run's decoder widths must be
+  the config's."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  light_config, light_wd = light_run
+  with pytest.raises(ValueError, match=r"config.vae.decoder_channels .*--config.vae.decoder_"):
+    loop.Trainer(tiny_config("lowres", vae_workdir=light_wd), str(tmp_path / "bad")).init_state()
+  config = tiny_config("lowres", vae_workdir=light_wd, **{
+      "vae.decoder_channels": tuple(light_config.vae.decoder_channels),
+      "vae.decoder_res_blocks": light_config.vae.decoder_res_blocks})
+  frozen = loop.Trainer(config, str(tmp_path / "diffusion")).init_state()["frozen"]
+  enc_abs = vae_obj.encoder_spec(light_config).abstract_params
+  dec_abs = vae_obj.light_decoder_spec(light_config).abstract_params
+  vae_got, _ = ckpt_lib.restore_subset(vae_workdir, {"ema_params": {"vae": {"encoder": enc_abs}}})
+  light_got, _ = ckpt_lib.restore_subset(light_wd, {"ema_params": {"light_decoder": dec_abs}})
+  for name, want, have in (("encoder", vae_got["ema_params"]["vae"]["encoder"],
+                            frozen["vae"]["encoder"]),
+                           ("decoder", light_got["ema_params"]["light_decoder"],
+                            frozen["vae"]["decoder"])):
+    want, have = _flat(want), _flat(have)
+    assert want.keys() == have.keys(), name
+    for k, v in want.items():
+      np.testing.assert_array_equal(have[k], v, err_msg=f"{name} {k}")
+  # Decoding through the diffusion stage's frozen VAE is the light decoder's output.
+  ld = diff.LatentDiffusion(config)
+  z = jax.random.normal(jax.random.key(0), (2, 4, 4, int(config.vae.latent_channels)))
+  got = jax.jit(ld.decode_latents)(frozen, z)
+  want = vae_obj.light_decoder_spec(light_config).bind(light_got["ema_params"]["light_decoder"])(
+      z * frozen["latent_scale"] + frozen["latent_shift"])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want, np.float32), atol=1e-5)
+  assert jnp.all(jnp.isfinite(got))
 
 
 def test_light_decoder_starts_pruned_from_the_vae_decoder(vae_workdir, tmp_path):

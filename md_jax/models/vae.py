@@ -44,8 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
       latent_channels=8,
       norm_groups=32,
       mid_attention=True,
-      decoder_channels=None,
-      decoder_res_blocks=None,
+      # Typed placeholders, so --config.vae.decoder_channels=(...) overrides the None default.
+      decoder_channels=ml_collections.FieldReference(None, field_type=tuple),
+      decoder_res_blocks=ml_collections.FieldReference(None, field_type=int),
       in_channels=3,
   ))
 

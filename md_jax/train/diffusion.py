@@ -263,16 +263,25 @@ class DiffusionObjective(loop.Objective):
     cfg = self.config
     if not cfg.vae_workdir:
       raise ValueError("config.vae_workdir is empty: the diffusion trainer reads latents through "
-                       "a trained VAE; pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN")
+                       "a trained VAE; pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN (or of a "
+                       "light-decoder run, to decode with its light decoder)")
     vae_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            self.ld.vae.abstract_params, shardings["vae"])
     stats_abs = {k: jax.ShapeDtypeStruct((int(cfg.vae.latent_channels),), jnp.float32,
                                          sharding=shardings[k])
                  for k in ("latent_shift", "latent_scale")}
-    vae_params, got, step, which = ckpt_lib.restore_preferring_ema(
-        cfg.vae_workdir, {"vae": vae_abs}, {"frozen": stats_abs})
-    vae_params = vae_params["vae"]
-    logging.info("VAE (%s) from %s step %d", which, cfg.vae_workdir, step)
+    if vae_obj.is_light_decoder_run(cfg.vae_workdir):
+      # Latents through the encoder the light decoder was distilled against; samples decoded by
+      # the light decoder (paper sec. 3.5), here and in every sampler and export of this run.
+      vae_params, stats, step, which = vae_obj.restore_vae_of_light_run(cfg, vae_abs, stats_abs)
+      got = {"frozen": stats}
+      logging.info("VAE: encoder and light decoder (%s) of the light-decoder run %s step %d",
+                   which, cfg.vae_workdir, step)
+    else:
+      vae_params, got, step, which = ckpt_lib.restore_preferring_ema(
+          cfg.vae_workdir, {"vae": vae_abs}, {"frozen": stats_abs})
+      vae_params = vae_params["vae"]
+      logging.info("VAE (%s) from %s step %d", which, cfg.vae_workdir, step)
     hf_dir = str(cfg.text.get("hf_dir", "") or "")
     if hf_dir:
       text_params = jax.device_put(load_hf_text_params(cfg, hf_dir), shardings["text"])

@@ -485,6 +485,38 @@ def restore_encoder_and_stats(config, encoder_abstract, stats_abstract):
   return params["vae"]["encoder"], got["frozen"], step
 
 
+def is_light_decoder_run(workdir: str) -> bool:
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  return (ckpt_lib.read_config_json(workdir) or {}).get("trainer") == "vae_light_decoder"
+
+
+def restore_vae_of_light_run(config, vae_abstract, stats_abstract):
+  """The VAE a light-decoder run ``config.vae_workdir`` stands for: the encoder it was distilled
+  against with its latent statistics (both carried in its checkpoint) and its own (EMA) light
+  decoder. Returns ({encoder, decoder}, {latent_shift, latent_scale}, step, "ema_params" |
+  "params").
+
+  ``config.vae``'s decoder widths and depth must be the run's: they shape the decoder every
+  later stage, sampler and export builds.
+  """
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  run = config.vae_workdir
+  light_vae = (ckpt_lib.read_config_json(run) or {}).get("vae", {})
+  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  for key in ("decoder_channels", "decoder_res_blocks"):
+    have, want = norm(config.vae.get(key)), norm(light_vae.get(key))
+    if have != want:
+      raise ValueError(
+          f"config.vae.{key} is {have!r}, but the light-decoder run {run} (config.vae_workdir) "
+          f"trained a decoder with {want!r}: pass --config.vae.{key}={want!r}")
+  dec, got, step, which = ckpt_lib.restore_preferring_ema(
+      run, {LIGHT_DECODER: vae_abstract["decoder"]},
+      {"frozen": dict(encoder=vae_abstract["encoder"], **stats_abstract)})
+  frozen = got["frozen"]
+  return (dict(encoder=frozen["encoder"], decoder=dec[LIGHT_DECODER]),
+          {k: frozen[k] for k in stats_abstract}, step, which)
+
+
 def full_decoder_spec(config) -> ModelSpec:
   """The VAE run's own decoder (``vae.channels`` / ``num_res_blocks``), whatever the light
   decoder's widths in ``config``."""
