@@ -354,9 +354,9 @@ def light_decoder_from_workdir(workdir: str, step: int | None = None, use_ema: b
   if step is None:
     raise FileNotFoundError(f"decoder run {workdir}: no checkpoint there")
   cfg = ml_collections.ConfigDict(ckpt_lib.read_config_json(workdir, step) or {})
-  if cfg.get("trainer") != "vae_light_decoder":
+  if cfg.get("trainer") != vae_obj.LIGHT_TRAINER:
     raise ValueError(f"decoder run {workdir} is a {cfg.get('trainer')!r} run; expected a "
-                     "light-decoder run (trainer 'vae_light_decoder')")
+                     f"light-decoder run (trainer {vae_obj.LIGHT_TRAINER!r})")
   cfg.compute_dtype = EXPORT_COMPUTE_DTYPE
   dec_abs = vae_obj.light_decoder_spec(cfg).abstract_params
   c = int(cfg.vae.latent_channels)

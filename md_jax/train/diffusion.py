@@ -270,10 +270,12 @@ class DiffusionObjective(loop.Objective):
     stats_abs = {k: jax.ShapeDtypeStruct((int(cfg.vae.latent_channels),), jnp.float32,
                                          sharding=shardings[k])
                  for k in ("latent_shift", "latent_scale")}
-    if vae_obj.is_light_decoder_run(cfg.vae_workdir):
+    src_config = ckpt_lib.read_config_json(cfg.vae_workdir) or {}
+    if src_config.get("trainer") == vae_obj.LIGHT_TRAINER:
       # Latents through the encoder the light decoder was distilled against; samples decoded by
       # the light decoder (paper sec. 3.5), here and in every sampler and export of this run.
-      vae_params, stats, step, which = vae_obj.restore_vae_of_light_run(cfg, vae_abs, stats_abs)
+      vae_params, stats, step, which = vae_obj.restore_vae_of_light_run(cfg, src_config, vae_abs,
+                                                                         stats_abs)
       got = {"frozen": stats}
       logging.info("VAE: encoder and light decoder (%s) of the light-decoder run %s step %d",
                    which, cfg.vae_workdir, step)

@@ -455,6 +455,7 @@ class VAEObjective(_Perceptual, loop.Objective):
 
 
 # -- the light decoder (paper sec. 3.5) ------------------------------------------------------------
+LIGHT_TRAINER = "vae_light_decoder"  # config.trainer of a light-decoder run
 LIGHT_DECODER = "light_decoder"  # the params group name later stages and export restore
 
 
@@ -485,23 +486,18 @@ def restore_encoder_and_stats(config, encoder_abstract, stats_abstract):
   return params["vae"]["encoder"], got["frozen"], step
 
 
-def is_light_decoder_run(workdir: str) -> bool:
-  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  return (ckpt_lib.read_config_json(workdir) or {}).get("trainer") == "vae_light_decoder"
-
-
-def restore_vae_of_light_run(config, vae_abstract, stats_abstract):
-  """The VAE a light-decoder run ``config.vae_workdir`` stands for: the encoder it was distilled
-  against with its latent statistics (both carried in its checkpoint) and its own (EMA) light
-  decoder. Returns ({encoder, decoder}, {latent_shift, latent_scale}, step, "ema_params" |
-  "params").
+def restore_vae_of_light_run(config, light_config: dict, vae_abstract, stats_abstract):
+  """The VAE a light-decoder run ``config.vae_workdir`` (stored config ``light_config``) stands
+  for: the encoder it was distilled against with its latent statistics (both carried in its
+  checkpoint) and its own (EMA) light decoder. Returns ({encoder, decoder}, {latent_shift,
+  latent_scale}, step, "ema_params" | "params").
 
   ``config.vae``'s decoder widths and depth must be the run's: they shape the decoder every
   later stage, sampler and export builds.
   """
   from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   run = config.vae_workdir
-  light_vae = (ckpt_lib.read_config_json(run) or {}).get("vae", {})
+  light_vae = light_config.get("vae", {})
   norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
   for key in ("decoder_channels", "decoder_res_blocks"):
     have, want = norm(config.vae.get(key)), norm(light_vae.get(key))
@@ -527,7 +523,7 @@ def full_decoder_spec(config) -> ModelSpec:
                                                           dtype=compute_dtype(config)))
 
 
-def prune_to(full: dict, abstract: dict, where: str = "decoder") -> dict:
+def prune_to(full: dict, abstract: dict) -> dict:
   """A narrower, shallower copy of ``full``: for every leaf of ``abstract`` the same path in
   ``full``, cut to the leaf's shape by keeping the leading entries of each axis.
 
@@ -541,17 +537,17 @@ def prune_to(full: dict, abstract: dict, where: str = "decoder") -> dict:
   def cut(path, a):
     key = jax.tree_util.keystr(path)
     if key not in flat_full:
-      raise ValueError(f"cannot prune {where}: the full decoder has no {key}")
+      raise ValueError(f"cannot prune decoder: the full decoder has no {key}")
     src = flat_full[key]
     if src.ndim != len(a.shape) or any(n > m for n, m in zip(a.shape, src.shape)):
-      raise ValueError(f"cannot prune {where}{key}: {tuple(src.shape)} -> {tuple(a.shape)} "
+      raise ValueError(f"cannot prune decoder{key}: {tuple(src.shape)} -> {tuple(a.shape)} "
                        "(the light decoder must be narrower, not wider)")
     return src[tuple(slice(0, n) for n in a.shape)].astype(a.dtype)
 
   return jax.tree_util.tree_map_with_path(cut, abstract)
 
 
-@loop.register("vae_light_decoder")
+@loop.register(LIGHT_TRAINER)
 class LightDecoderObjective(VAEObjective):
   """Distils a pruned decoder against the VAE's frozen encoder (paper sec. 3.5).
 
@@ -569,6 +565,10 @@ class LightDecoderObjective(VAEObjective):
     self._init_perceptual(config)
     self.encoder = encoder_spec(config)
     self.decoder = light_decoder_spec(config)
+    self.light_init = str(config.vae.get("light_init", "random"))
+    if self.light_init not in ("prune", "random"):
+      raise ValueError(f"config.vae.light_init must be 'prune' or 'random', got "
+                       f"{self.light_init!r}")
     self.adv = adversarial_config(config)
     self.disc = disc_spec(config) if self.adv is not None else None
 
@@ -591,11 +591,8 @@ class LightDecoderObjective(VAEObjective):
   def load_init_from(self, abstract):
     """With ``vae.light_init = "prune"``: the light decoder (and its EMA) starts as the VAE
     run's decoder cut to its widths and depth (``prune_to``); D, if any, starts fresh."""
-    how = str(self.config.vae.get("light_init", "random"))
-    if how == "random":
+    if self.light_init == "random":
       return None
-    if how != "prune":
-      raise ValueError(f"config.vae.light_init must be 'prune' or 'random', got {how!r}")
     if not self.config.vae_workdir:
       raise ValueError("config.vae_workdir is empty: vae.light_init='prune' starts the light "
                        "decoder from a VAE run's decoder")
@@ -657,7 +654,7 @@ class LightDecoderObjective(VAEObjective):
     """PSNR of the decoder distillation starts from (freshly initialised with seed
     ``config.seed``, or pruned from the VAE's with ``vae.light_init = "prune"``): what
     distillation gains over it."""
-    if str(self.config.vae.get("light_init", "random")) == "prune":
+    if self.light_init == "prune":
       init = self.pruned_decoder()
     else:
       init = jax.jit(self.decoder.init)(jax.random.key(int(self.config.seed)))
