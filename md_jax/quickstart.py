@@ -1,11 +1,13 @@
 """The embedded end-to-end run on shapes, in one process (one JAX start-up, one compile cache).
 
-VAE -> low-resolution diffusion (32px) -> high-resolution diffusion (64px, initialised from the
-low-res run) -> 50-step DDIM samples for the evaluation prompts, judged -> UFOGen one-step
+VAE -> light decoder distilled against the VAE's frozen encoder (paper sec. 3.5) -> low-resolution
+diffusion (32px) -> high-resolution diffusion (64px, initialised from the low-res run), both
+reading latents through that encoder and decoding with the light decoder -> 50-step DDIM samples for the evaluation prompts, judged -> UFOGen one-step
 finetune of the high-res run (paper sec. 4) -> one-step samples for the same prompts, judged ->
 the Android bundle of the one-step generator (TFLite fp16 + int8, checked) and one LiteRT
 pipeline run per precision, all printed and written to WORKDIR/quickstart.json. Each training
-stage is a normal workdir (WORKDIR/vae, WORKDIR/lowres, WORKDIR/highres, WORKDIR/ufogen) that
+stage is a normal workdir (WORKDIR/vae, WORKDIR/light_decoder, WORKDIR/lowres, WORKDIR/highres,
+WORKDIR/ufogen) that
 ``python -m md_jax.main`` could run or resume on its own, and WORKDIR/bundle is what
 ``python -m tflite_export.export --workdir=WORKDIR/ufogen`` writes; rerunning the quickstart
 resumes whatever is unfinished and re-exports only when the exported checkpoint changed.
@@ -32,7 +34,8 @@ _EXPORT = flags.DEFINE_bool(
     "export", True, "End with the TFLite bundle of the one-step generator (fp16, int8) and one "
     "LiteRT pipeline run per precision.")
 
-STAGES = ("vae", "lowres", "highres", "ufogen")
+STAGES = ("vae", "light_decoder", "lowres", "highres", "ufogen")
+LIGHT_STAGE = "light_decoder"  # the VAE every later stage reads latents through and decodes with
 EXPORT_SOURCE = "ufogen"  # the one-step generator is what the phone runs
 EXPORT_PRECISIONS = ("fp16", "int8")
 EXPORT_COMPONENTS = ("text_encoder", "unet_onestep", "decoder")
@@ -99,8 +102,16 @@ def stage_config(workdir: str, stage: str, size: str):
   else:
     config = config_loading.load_config(f"configs/shapes.py:{stage},{size}")
   with config.unlocked():
-    if stage in ("lowres", "highres"):
+    if stage == LIGHT_STAGE:
       config.vae_workdir = os.path.join(workdir, "vae")
+    if stage in ("lowres", "highres", "ufogen"):
+      # Every diffusion stage (UFOGen through its init_from checkpoint) carries the light run's
+      # encoder and light decoder, so its decoder shape is the light stage's.
+      light = config_loading.load_config(f"configs/shapes.py:{LIGHT_STAGE},{size}").vae
+      config.vae.decoder_channels = tuple(light.decoder_channels)
+      config.vae.decoder_res_blocks = int(light.decoder_res_blocks)
+    if stage in ("lowres", "highres"):
+      config.vae_workdir = os.path.join(workdir, LIGHT_STAGE)
     if stage == "lowres":
       config.eval_at_end = False  # judged once, at the final resolution
     if stage == "highres":
@@ -144,6 +155,7 @@ def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
       with open(eval_path) as f:
         summary[key] = json.load(f)
   summary["vae"] = results["vae"]["eval"]
+  summary["light_decoder"] = results[LIGHT_STAGE]["eval"]
   if export:
     summary["export"] = export_result
   with open(os.path.join(workdir, "quickstart.json"), "w") as f:
@@ -160,6 +172,11 @@ def _print_summary(summary, workdir):
       print(f"[quickstart] {what}: {ev['num_samples']} samples, {ev['sampler']} "
             f"{ev['num_steps']} steps, cfg {ev['guidance_scale']}; grid: {ev['grid']}")
       print(json.dumps(ev["scores"], indent=1, default=str))
+  vae, light = summary.get("vae") or {}, summary.get("light_decoder") or {}
+  if "eval/recon_psnr" in vae and "eval/recon_psnr" in light:
+    print(f"[quickstart] held-out reconstruction PSNR: VAE decoder {vae['eval/recon_psnr']:.2f} "
+          f"dB, light decoder {light['eval/recon_psnr']:.2f} dB (at its start "
+          f"{light['eval/recon_psnr_at_init']:.2f} dB)")
   rows = [(w.format(**summary[k]), summary[k]["scores"])
           for k, w in (("eval", "DDIM-{num_steps} (base)"), ("onestep_eval", "one-step (UFOGen)"))
           if k in summary]

@@ -25,7 +25,8 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
   workdir, proc = smoke_run
   with open(os.path.join(workdir, "quickstart.json")) as f:
     summary = json.load(f)
-  assert set(summary["seconds"]) == {"vae", "lowres", "highres", "ufogen", "export"}
+  assert set(summary["seconds"]) == {"vae", "light_decoder", "lowres", "highres", "ufogen",
+                                     "export"}
   # The base model judged on 50-step DDIM (10 at smoke size) samples, the UFOGen generator on
   # one-step samples of the same prompts.
   for key, steps, cfg in (("eval", 10, 4.0), ("onestep_eval", 1, 1.0)):
@@ -41,6 +42,19 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
   assert summary["onestep_eval"]["grid"].startswith(os.path.join(workdir, "ufogen"))
   assert "judge accuracy" in proc.stdout and "one-step (UFOGen)" in proc.stdout
   assert "eval/recon_psnr" in summary["vae"]
+  # The light decoder, distilled against the VAE's frozen encoder, is the VAE of every later
+  # stage: its run is their vae_workdir, their decoder has its shape, and the bundle ships it.
+  light = summary["light_decoder"]
+  assert np.isfinite(light["eval/recon_psnr"]) and np.isfinite(light["eval/recon_psnr_at_init"])
+  assert "light decoder" in proc.stdout and "held-out reconstruction PSNR" in proc.stdout
+  light_vae = _final_config(workdir, "light_decoder")["vae"]
+  assert light_vae["decoder_channels"] == [16, 24, 48, 48], light_vae
+  for stage in ("lowres", "highres", "ufogen"):
+    cfg = _final_config(workdir, stage)
+    for key in ("decoder_channels", "decoder_res_blocks"):
+      assert cfg["vae"][key] == light_vae[key], (stage, key)
+    if stage != "ufogen":
+      assert cfg["vae_workdir"] == os.path.join(workdir, "light_decoder"), stage
   # The high-res stage started from the low-res one and from the VAE's latent statistics.
   assert "[quickstart] stage highres" in proc.stdout
   assert "[quickstart] stage ufogen: 20 steps" in proc.stdout
@@ -66,11 +80,32 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
   with open(os.path.join(ex["dir"], "manifest.json")) as f:
     manifest = json.load(f)
   assert manifest["source"]["workdir"] == os.path.join(workdir, "ufogen")
+  assert manifest["components"]["decoder"]["metadata"]["decoder_channels"] == [16, 24, 48, 48]
   assert ex["pipeline"]["fp16"]["psnr_vs_jax_db"] >= 40.0
   assert ex["pipeline"]["int8"]["files"]["unet_onestep"] == "int8"
   for r in ex["pipeline"].values():
     assert os.path.getsize(r["png"]) > 100
   assert f"bundle {ex['dir']} (step 20): checks" in proc.stdout
+
+
+def _final_config(workdir, stage):
+  with open(os.path.join(workdir, stage, "final.json")) as f:
+    return json.load(f)["config"]
+
+
+@pytest.mark.slow
+def test_ufogen_refuses_a_decoder_shape_other_than_its_init_from_run(smoke_run, tmp_path):
+  """The high-res run's frozen VAE holds the light decoder; a UFOGen config left at the full
+  decoder's shape is refused naming the key and the flag, before anything is restored."""
+  from md_jax import config_loading  # pylint: disable=g-import-not-at-top
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_run
+  config = config_loading.load_config("configs/ufogen.py:smoke")
+  config.init_from = os.path.join(workdir, "highres")
+  with pytest.raises(ValueError, match=r"config.vae.decoder_channels is None, but the pretrained "
+                     r"run .*highres \(config.init_from\) carries a decoder with \(16, 24, 48, "
+                     r"48\): pass --config.vae.decoder_channels="):
+    loop.Trainer(config, str(tmp_path / "ufogen")).init_state()
 
 
 @pytest.mark.slow

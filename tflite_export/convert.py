@@ -361,13 +361,11 @@ def light_decoder_from_workdir(workdir: str, step: int | None = None, use_ema: b
   dec_abs = vae_obj.light_decoder_spec(cfg).abstract_params
   c = int(cfg.vae.latent_channels)
   stats_abs = {k: jax.ShapeDtypeStruct((c,), np.float32) for k in ("latent_shift", "latent_scale")}
-  params, got, step, which = ckpt_lib.restore_preferring_ema(
-      workdir, {vae_obj.LIGHT_DECODER: dec_abs}, {"frozen": stats_abs}, step,
-      use_ema=bool(use_ema and cfg.ema_decay))
-  return dict(vae_config=cfg.vae, params=_to_numpy(params[vae_obj.LIGHT_DECODER]),
-              latent_shift=np.asarray(got["frozen"]["latent_shift"]),
-              latent_scale=np.asarray(got["frozen"]["latent_scale"]), step=step,
-              params_kind=which)
+  params, frozen, step, which = vae_obj.restore_light_run(
+      workdir, dec_abs, stats_abs, step=step, use_ema=bool(use_ema and cfg.ema_decay))
+  return dict(vae_config=cfg.vae, params=_to_numpy(params),
+              latent_shift=np.asarray(frozen["latent_shift"]),
+              latent_scale=np.asarray(frozen["latent_scale"]), step=step, params_kind=which)
 
 
 def check_same_latent_stats(frozen: dict, decoder: dict, run: str, decoder_run: str) -> None:

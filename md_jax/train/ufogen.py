@@ -41,6 +41,7 @@ from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import diffusion as diff_obj
 from md_jax.train import loop
 from md_jax.train import sharding as shd
+from md_jax.train import vae as vae_obj
 from md_jax.train.state import ModelSpec
 
 RECON_TERMS = ("diffusion", "distill", "ema")
@@ -203,10 +204,21 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
                                                              {"unet": abstract_unet})
     return params["unet"], step, which
 
+  def _require_decoder_shape_of_init_from(self):
+    """The pretrained run's frozen VAE may hold a light decoder (its vae_workdir was a
+    light-decoder run): this config's decoder shape must be that one. Checked before the first
+    restore from init_from, once."""
+    if not getattr(self, "_decoder_shape_checked", False):
+      vae_obj.require_decoder_shape_of(
+          self.config, ckpt_lib.read_config_json(self.config.init_from) or {},
+          f"the pretrained run {self.config.init_from} (config.init_from) carries")
+      self._decoder_shape_checked = True
+
   def init_frozen(self, shardings):
     abstract, _ = self.ld.frozen_spec()
     want = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, {k: shardings[k] for k in abstract})
+    self._require_decoder_shape_of_init_from()
     got, step = ckpt_lib.restore_subset(self.config.init_from, {"frozen": want})
     frozen = dict(got["frozen"])
     logging.info("text encoder, VAE and latent stats from %s step %d", self.config.init_from, step)
@@ -226,6 +238,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
   def load_init_from(self, abstract):
     """G (and its EMA) = the pretrained UNet (or zero-effect LoRA factors on it); D = a copy of
     it with a zero one-channel head (the encoder-only D: its down path and middle stack)."""
+    self._require_decoder_shape_of_init_from()
     unet_abs = self.ld.unet.abstract_params
     if self.lora is None:
       unet_abs = abstract["params"]["unet"]

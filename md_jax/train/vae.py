@@ -477,13 +477,44 @@ def restore_encoder_and_stats(config, encoder_abstract, stats_abstract):
   carry shardings (the arrays are then restored onto them).
   """
   from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  if not config.vae_workdir:
-    raise ValueError("config.vae_workdir is empty: the light decoder trains against the frozen "
-                     "encoder of a VAE run; pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN")
   params, got, step, which = ckpt_lib.restore_preferring_ema(
       config.vae_workdir, {"vae": {"encoder": encoder_abstract}}, {"frozen": stats_abstract})
   logging.info("encoder (%s) and latent stats from %s step %d", which, config.vae_workdir, step)
   return params["vae"]["encoder"], got["frozen"], step
+
+
+def restore_light_run(workdir: str, decoder_abstract, stats_abstract: dict,
+                      encoder_abstract=None, step: int | None = None, use_ema: bool = True):
+  """What a light-decoder run's checkpoint holds for later stages and export: its light decoder
+  (the EMA copy when ``use_ema`` and the run kept one), the VAE's latent statistics it carries
+  and, with ``encoder_abstract``, the frozen encoder it was distilled against. Returns (decoder,
+  frozen, step, "ema_params" | "params"); frozen has the stats keys (and ``encoder``)."""
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  frozen_abs = dict(stats_abstract)
+  if encoder_abstract is not None:
+    frozen_abs["encoder"] = encoder_abstract
+  dec, got, step, which = ckpt_lib.restore_preferring_ema(
+      workdir, {LIGHT_DECODER: decoder_abstract}, {"frozen": frozen_abs}, step, use_ema)
+  return dec[LIGHT_DECODER], got["frozen"], step, which
+
+
+DECODER_SHAPE_KEYS = ("decoder_channels", "decoder_res_blocks")
+
+
+def require_decoder_shape_of(config, stored_config: dict, whose: str) -> None:
+  """Refuses ``config`` unless its ``vae.decoder_channels`` / ``decoder_res_blocks`` are those of
+  ``stored_config`` (another run's config.json), naming the key and the flag that fixes it.
+
+  Every stage that takes a VAE from another run's checkpoint builds its decoder from its own
+  config; a light decoder there has other shapes than the default full one.
+  """
+  stored_vae = stored_config.get("vae", {})
+  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  for key in DECODER_SHAPE_KEYS:
+    have, want = norm(config.vae.get(key)), norm(stored_vae.get(key))
+    if have != want:
+      raise ValueError(f"config.vae.{key} is {have!r}, but {whose} a decoder with {want!r}: "
+                       f"pass --config.vae.{key}={want!r}")
 
 
 def restore_vae_of_light_run(config, light_config: dict, vae_abstract, stats_abstract):
@@ -495,21 +526,12 @@ def restore_vae_of_light_run(config, light_config: dict, vae_abstract, stats_abs
   ``config.vae``'s decoder widths and depth must be the run's: they shape the decoder every
   later stage, sampler and export builds.
   """
-  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   run = config.vae_workdir
-  light_vae = light_config.get("vae", {})
-  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
-  for key in ("decoder_channels", "decoder_res_blocks"):
-    have, want = norm(config.vae.get(key)), norm(light_vae.get(key))
-    if have != want:
-      raise ValueError(
-          f"config.vae.{key} is {have!r}, but the light-decoder run {run} (config.vae_workdir) "
-          f"trained a decoder with {want!r}: pass --config.vae.{key}={want!r}")
-  dec, got, step, which = ckpt_lib.restore_preferring_ema(
-      run, {LIGHT_DECODER: vae_abstract["decoder"]},
-      {"frozen": dict(encoder=vae_abstract["encoder"], **stats_abstract)})
-  frozen = got["frozen"]
-  return (dict(encoder=frozen["encoder"], decoder=dec[LIGHT_DECODER]),
+  require_decoder_shape_of(config, light_config, f"the light-decoder run {run} "
+                           "(config.vae_workdir) trained")
+  dec, frozen, step, which = restore_light_run(run, vae_abstract["decoder"], stats_abstract,
+                                               encoder_abstract=vae_abstract["encoder"])
+  return (dict(encoder=frozen["encoder"], decoder=dec),
           {k: frozen[k] for k in stats_abstract}, step, which)
 
 
@@ -562,6 +584,10 @@ class LightDecoderObjective(VAEObjective):
 
   def __init__(self, config, mesh):
     loop.Objective.__init__(self, config, mesh)
+    if not config.vae_workdir:
+      raise ValueError("config.vae_workdir is empty: the light decoder trains against the frozen "
+                       "encoder of a VAE run (and with vae.light_init='prune' starts from its "
+                       "decoder); pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN")
     self._init_perceptual(config)
     self.encoder = encoder_spec(config)
     self.decoder = light_decoder_spec(config)
@@ -593,9 +619,6 @@ class LightDecoderObjective(VAEObjective):
     run's decoder cut to its widths and depth (``prune_to``); D, if any, starts fresh."""
     if self.light_init == "random":
       return None
-    if not self.config.vae_workdir:
-      raise ValueError("config.vae_workdir is empty: vae.light_init='prune' starts the light "
-                       "decoder from a VAE run's decoder")
     light = self.pruned_decoder(abstract["params"][LIGHT_DECODER])
     params = {LIGHT_DECODER: light}
     if self.disc is not None:
@@ -653,14 +676,18 @@ class LightDecoderObjective(VAEObjective):
   def _baseline_eval(self, recon, state, x, images) -> dict:
     """PSNR of the decoder distillation starts from (freshly initialised with seed
     ``config.seed``, or pruned from the VAE's with ``vae.light_init = "prune"``): what
-    distillation gains over it."""
+    distillation gains over it. The start and the held-out images are the same at every
+    evaluation: computed once per process."""
+    if getattr(self, "_psnr_at_init", None) is not None:
+      return {"eval/recon_psnr_at_init": self._psnr_at_init}
     if self.light_init == "prune":
       init = self.pruned_decoder()
     else:
       init = jax.jit(self.decoder.init)(jax.random.key(int(self.config.seed)))
     y = images_lib.gather_to_host(recon({LIGHT_DECODER: init}, state["frozen"], x))
     mse = float(np.mean((np.clip(y, -1, 1) - images) ** 2))
-    return {"eval/recon_psnr_at_init": float(10 * np.log10(4.0 / max(mse, 1e-10)))}
+    self._psnr_at_init = float(10 * np.log10(4.0 / max(mse, 1e-10)))
+    return {"eval/recon_psnr_at_init": self._psnr_at_init}
 
   def reconstruct(self, params, frozen, x):
     mean, _ = self.encoder.bind(frozen["encoder"])(x)
