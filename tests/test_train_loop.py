@@ -59,6 +59,52 @@ def test_bad_config_value_names_the_key(tmp_path):
     loop.train_and_evaluate(config, str(tmp_path / "w"))
 
 
+# Every config file (with its stage args): a None default must still take a command-line value.
+_CONFIG_SPECS = ("shapes.py:vae", "shapes.py:light_decoder", "shapes.py:lowres",
+                 "shapes.py:highres", "shapes_relu.py", "ufogen.py", "ufogen.py:md512",
+                 "md_pretrain.py:256", "md_pretrain.py:512", "md.py:512", "md_lite.py",
+                 "vae.py", "vae_light_decoder.py")
+
+
+def test_every_config_file_is_covered_by_the_none_default_check():
+  files = {os.path.basename(f) for f in glob.glob(os.path.join(REPO, "configs", "*.py"))}
+  assert files == {s.split(":")[0] for s in _CONFIG_SPECS}, files
+
+
+@pytest.mark.parametrize("spec", _CONFIG_SPECS)
+def test_none_config_defaults_take_command_line_values(spec):
+  """ml_collections cannot override an untyped None field from the command line ("--config.k=v"
+  fails on NoneType); every None default must be a typed FieldReference."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from md_jax import config_loading  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(REPO, "configs", spec))
+
+  def untyped_nones(c, prefix):
+    for k in c.keys():
+      if isinstance(c[k], ml_collections.ConfigDict):
+        yield from untyped_nones(c[k], f"{prefix}{k}.")
+      elif c[k] is None:
+        ref = c._fields[k]  # pylint: disable=protected-access
+        if not (isinstance(ref, ml_collections.FieldReference)
+                and ref.get_type() is not type(None)):
+          yield prefix + k
+
+  assert not list(untyped_nones(config, "config.")), spec
+
+
+def test_light_decoder_shape_flags_override_their_none_defaults():
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ["main", f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:highres",
+          "--config.vae.decoder_channels=(16,24,48,48)", "--config.vae.decoder_res_blocks=0"]
+  fv = absl_flags.FlagValues()  # md_jax.main's flag, parsing this argv instead of sys.argv
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  assert fv.config.vae.decoder_channels == (16, 24, 48, 48)
+  assert fv.config.vae.decoder_res_blocks == 0
+
+
 def test_workdir_that_is_a_file_fails(tmp_path):
   f = tmp_path / "file"
   f.write_text("x")
