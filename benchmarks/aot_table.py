@@ -65,7 +65,10 @@ def run_case(case: str, timeout: float) -> dict:
   wall = round(time.time() - t0, 1)
   if proc.returncode != 0:
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    return dict(case=case, error=(lines[-1] if lines else f"exit {proc.returncode}"), wall_s=wall)
+    # The exception's own line, not the "see <url>" line some XLA errors end with.
+    errors = [l for l in lines if "Error" in l or l.startswith("error:")]
+    return dict(case=case, error=(errors or lines or [f"exit {proc.returncode}"])[-1],
+                wall_s=wall)
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   return dict(case=case, wall_s=wall, **report)
 
@@ -79,6 +82,14 @@ def table(rows: list[dict]) -> str:
       out.append(f"| {r['case']} | | | | | | {r['error']} | | | | | |")
       continue
     m, mesh = r["memory_gib"], r["mesh"]
+    if r.get("hbm_oom"):  # refused by the TPU compiler: what it needs, no flops
+      o = r["hbm_oom"]
+      out.append(
+          f"| {r['case']} | {r['chips']} | {tuple(mesh.values())} | {r['per_chip_batch']} | "
+          f"{r['grad_accum_steps']} | {r['remat']} | > {o['required_gib']:.2f} ({o['what']} "
+          f"alone; compiler: {o['available_gib']:.2f} available) | {r['hbm_gib']} | NO | | | "
+          f"{r['compile_s']} |")
+      continue
     out.append(
         f"| {r['case']} | {r['chips']} | {tuple(mesh.values())} | {r['per_chip_batch']} | "
         f"{r['grad_accum_steps']} | {r['remat']} | {m['total']:.2f} ({m['arguments']:.2f}, "

@@ -52,3 +52,45 @@ def test_hbm_table_knows_the_generations():
   assert aot_compile.tpu_generation("TPU v4") == "v4"
   assert aot_compile.tpu_generation("TPU v6 lite") == "v6e"
   assert aot_compile.HBM_BYTES["v5e"] == 16 * 1024**3
+
+
+_OOM = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
+        "required for HLO temporaries (25.35G) exceeds available HBM (15.75G). HLO module: "
+        "jit__train_step.\nSee https://openxla.org/xla/errors/error_1000 for more details.")
+
+
+def test_hbm_oom_message_is_parsed():
+  oom = aot_compile.parse_hbm_oom(_OOM)
+  assert oom["what"] == "HLO temporaries"
+  assert (oom["required_gib"], oom["available_gib"]) == (25.35, 15.75)
+  assert oom["message"].startswith("RESOURCE_EXHAUSTED") and "See https" not in oom["message"]
+  assert aot_compile.parse_hbm_oom(_OOM.replace("25.35G", "900M"))["required_gib"] == 0.879
+  assert aot_compile.parse_hbm_oom("INVALID_ARGUMENT: something else") is None
+
+
+def test_aot_table_prints_an_hbm_refusal_as_a_row():
+  import importlib.util  # pylint: disable=g-import-not-at-top,redefined-outer-name,reimported
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "aot_table", os.path.join(REPO, "benchmarks", "aot_table.py"))
+  aot_table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(aot_table)
+  row = dict(case="md512@v5e:4x4", chips=16, mesh={"data": 2, "fsdp": 8, "tensor": 1},
+             per_chip_batch=128, grad_accum_steps=1, remat=True, hbm_gib=16.0, fits=False,
+             memory_gib=None, hbm_oom=aot_compile.parse_hbm_oom(_OOM), compile_s=80.0)
+  text = aot_table.table([row, dict(case="x@v5e:2x2", error="boom")])
+  assert "| md512@v5e:4x4 | 16 | (2, 8, 1) | 128 | 1 | True | > 25.35 (HLO temporaries" in text
+  assert "| NO |" in text and "| x@v5e:2x2 |" in text and "boom" in text
+
+
+@pytest.mark.slow
+def test_a_step_too_big_for_hbm_is_reported_not_raised():
+  """libtpu refuses a step whose buffers exceed the chip's HBM; the tool reports it as a row
+  that does not fit, with what the compiler says the step needs."""
+  _need_libtpu()
+  config = tiny_config("lowres", mesh_shape=(2, 2, 1))
+  report = aot_compile.compile_for_topology(config, "v5e:2x2", global_batch_size=2 ** 20)
+  assert report["fits"] is False and report["per_chip_batch"] == 2 ** 18
+  oom = report["hbm_oom"]
+  assert oom["required_gib"] > oom["available_gib"] > 0, oom
+  assert report["memory_gib"] is None and report["step_flops_per_chip"] is None

@@ -8,7 +8,10 @@ every other command should run with JAX_PLATFORMS=cpu). The topology's devices c
 ``jax.experimental.topologies.get_topology_desc``; the mesh is built over them from the config,
 the state and batch are ShapeDtypeStructs with the run's shardings, and the step is the loop's own
 (md_jax.train.loop.Trainer). Prints one JSON line: per-chip memory (arguments, temporaries,
-output, total) against the chip's HBM, whether it fits, and the step's flops per chip.
+output, total) against the chip's HBM, whether it fits, and the step's flops per chip. A step
+that the TPU compiler refuses for lack of HBM is a result too: the report then has
+``fits: false`` and ``hbm_oom`` (what the compiler says the step needs against what the chip
+has), and no flops.
 Nothing is read from disk: UFOGen configs still insist on ``--config.init_from``, but any value
 compiles (it is read only when a run starts).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 
@@ -69,6 +73,27 @@ def topology_devices(topology: str):
     raise ValueError(f"--topology={topology}: libtpu cannot describe it ({e})") from None
 
 
+# libtpu's refusal, e.g. "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM,
+# the total memory required for HLO temporaries (25.35G) exceeds available HBM (15.75G)."
+_HBM_OOM = re.compile(r"CompileTimeHbmOom.*?required for (?P<what>[^(]+?) \((?P<need>[\d.]+)"
+                      r"(?P<need_unit>[KMGT])\) exceeds available HBM \((?P<have>[\d.]+)"
+                      r"(?P<have_unit>[KMGT])\)", re.S)
+_UNIT_GIB = {"K": 1 / 1024 ** 2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+
+
+def parse_hbm_oom(message: str) -> dict | None:
+  """{what, required_gib, available_gib, message} of a TPU compile refused for lack of HBM, or
+  None for any other error."""
+  m = _HBM_OOM.search(message)
+  if m is None:
+    return None
+  line = next((l.strip() for l in message.splitlines() if "CompileTimeHbmOom" in l), "")
+  return dict(what=m["what"].strip(),
+              required_gib=round(float(m["need"]) * _UNIT_GIB[m["need_unit"]], 3),
+              available_gib=round(float(m["have"]) * _UNIT_GIB[m["have_unit"]], 3),
+              message=line)
+
+
 def compile_for_topology(config, topology: str, global_batch_size: int = 0) -> dict:
   """Lowers and compiles ``config``'s train step for ``topology``; returns the report dict."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -84,8 +109,26 @@ def compile_for_topology(config, topology: str, global_batch_size: int = 0) -> d
     raise ValueError(f"global batch {batch} does not split over the {div} devices of the data "
                      f"axes of mesh {dict(mesh.shape)} into grad_accum_steps={accum} micro-batches")
   trainer = loop.Trainer(config, workdir="", mesh=mesh)
+  gen = tpu_generation(devices[0].device_kind)
+  hbm = HBM_BYTES[gen]
+  n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.abstract_params))
+  report = dict(
+      config=str(config.get("stage", config.trainer)), trainer=config.trainer, topology=topology,
+      chips=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+      global_batch=batch, per_chip_batch=batch // div, grad_accum_steps=accum,
+      remat=bool(config.unet.get("remat", False)) if "unet" in config else False,
+      compute_dtype=str(config.compute_dtype), trainable_params=n_params,
+      hbm_gib=round(hbm / GIB, 1))
   t0 = time.time()
-  compiled = trainer.compile_step(trainer.objective.batch_spec(batch))
+  try:
+    compiled = trainer.compile_step(trainer.objective.batch_spec(batch))
+  except Exception as e:  # pylint: disable=broad-except
+    oom = parse_hbm_oom(str(e))
+    if oom is None:
+      raise
+    return dict(report, fits=False, hbm_oom=oom, memory_gib=None, step_flops_per_chip=None,
+                step_tflops_per_chip=None, step_s_at_peak=None,
+                compile_s=round(time.time() - t0, 1))
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   args = int(mem.argument_size_in_bytes)
@@ -95,21 +138,14 @@ def compile_for_topology(config, topology: str, global_batch_size: int = 0) -> d
   code = int(mem.generated_code_size_in_bytes)
   # Donated state buffers are reused for the output (alias): count them once.
   total = args + temps + out - alias + code
-  gen = tpu_generation(devices[0].device_kind)
-  hbm = HBM_BYTES[gen]
   flops = float(trainer.step_flops)
   peak = loop._PEAK_FLOPS.get(f"tpu {gen}", 0.0)  # pylint: disable=protected-access
-  n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.abstract_params))
   return dict(
-      config=str(config.get("stage", config.trainer)), trainer=config.trainer, topology=topology,
-      chips=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
-      global_batch=batch, per_chip_batch=batch // div, grad_accum_steps=accum,
-      remat=bool(config.unet.get("remat", False)) if "unet" in config else False,
-      compute_dtype=str(config.compute_dtype), trainable_params=n_params,
+      report,
       memory_gib=dict(arguments=round(args / GIB, 3), temporaries=round(temps / GIB, 3),
                       output=round(out / GIB, 3), aliased=round(alias / GIB, 3),
                       code=round(code / GIB, 4), total=round(total / GIB, 3)),
-      hbm_gib=round(hbm / GIB, 1), fits=total <= hbm,
+      fits=total <= hbm,
       step_flops_per_chip=flops,
       step_tflops_per_chip=round(flops / 1e12, 3),
       # The compute-bound floor of one step at the chip's bf16 peak (real steps are slower).
