@@ -16,6 +16,16 @@ def default_compilation_cache() -> str:
                         os.path.join(os.path.expanduser("~"), ".cache", "md_jax", "jax_cache"))
 
 
+def with_compute_dtype(config: ml_collections.ConfigDict, dtype: str) -> ml_collections.ConfigDict:
+  """``config`` if it already computes in ``dtype``, else a copy that does (the caller's stays
+  as it was): a pod run trains in bfloat16, while TFLite export builds float32 graphs."""
+  if config.get("compute_dtype", "float32") == dtype:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.compute_dtype = dtype
+  return config
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "diffusion"  # which objective the shared loop runs: 'vae' | 'diffusion'

@@ -330,12 +330,10 @@ EXPORT_COMPUTE_DTYPE = "float32"
 
 def components_from_config(config, **kw) -> tuple[dict[str, Component], Any]:
   """Components with fresh (seeded) weights: tests and benchmarks."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from md_jax import config_base  # pylint: disable=g-import-not-at-top
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   _compilation_cache(config)
-  if config.get("compute_dtype", EXPORT_COMPUTE_DTYPE) != EXPORT_COMPUTE_DTYPE:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.compute_dtype = EXPORT_COMPUTE_DTYPE
+  config = config_base.with_compute_dtype(config, EXPORT_COMPUTE_DTYPE)
   ld = diff.LatentDiffusion(config)
   seed = kw.pop("seed", 0)
   unet, frozen = fresh_params(config, ld, seed)
@@ -348,6 +346,7 @@ def light_decoder_from_workdir(workdir: str, step: int | None = None, use_ema: b
   dict(vae_config, params, latent_shift, latent_scale, step, params_kind), EMA params by default.
   The latent statistics are the VAE run's, carried in the light run's checkpoint."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from md_jax import config_base  # pylint: disable=g-import-not-at-top
   from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
   step = ckpt_lib.latest_step_in(workdir) if step is None else step
@@ -357,7 +356,7 @@ def light_decoder_from_workdir(workdir: str, step: int | None = None, use_ema: b
   if cfg.get("trainer") != vae_obj.LIGHT_TRAINER:
     raise ValueError(f"decoder run {workdir} is a {cfg.get('trainer')!r} run; expected a "
                      f"light-decoder run (trainer {vae_obj.LIGHT_TRAINER!r})")
-  cfg.compute_dtype = EXPORT_COMPUTE_DTYPE
+  cfg = config_base.with_compute_dtype(cfg, EXPORT_COMPUTE_DTYPE)
   dec_abs = vae_obj.light_decoder_spec(cfg).abstract_params
   c = int(cfg.vae.latent_channels)
   stats_abs = {k: jax.ShapeDtypeStruct((c,), np.float32) for k in ("latent_shift", "latent_scale")}

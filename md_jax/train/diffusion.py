@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from md_jax import config_base
 from md_jax.data import pipeline
 from md_jax.data import text_cache as text_cache_lib
 from md_jax.diffusion import losses
@@ -209,8 +210,7 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
       raise FileNotFoundError(f"{workdir} step {step} holds no config (pass one with --config)")
     config = ml_collections.ConfigDict(cfg_json)
   if compute_dtype:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.compute_dtype = compute_dtype
+    config = config_base.with_compute_dtype(config, compute_dtype)
   if config.trainer not in ("diffusion", "ufogen"):
     raise ValueError(f"{workdir} is a {config.trainer!r} run; sampling needs a diffusion run "
                      "(or a UFOGen run)")
