@@ -159,7 +159,9 @@ def test_diffusion_stages_decode_with_a_light_decoder_run(vae_workdir, light_run
   config = tiny_config("lowres", vae_workdir=light_wd, **{
       "vae.decoder_channels": tuple(light_config.vae.decoder_channels),
       "vae.decoder_res_blocks": light_config.vae.decoder_res_blocks})
-  frozen = loop.Trainer(config, str(tmp_path / "diffusion")).init_state()["frozen"]
+  trainer = loop.Trainer(config, str(tmp_path / "diffusion"))
+  state = trainer.init_state()
+  frozen = state["frozen"]
   enc_abs = vae_obj.encoder_spec(light_config).abstract_params
   dec_abs = vae_obj.light_decoder_spec(light_config).abstract_params
   vae_got, _ = ckpt_lib.restore_subset(vae_workdir, {"ema_params": {"vae": {"encoder": enc_abs}}})
@@ -180,6 +182,41 @@ def test_diffusion_stages_decode_with_a_light_decoder_run(vae_workdir, light_run
       z * frozen["latent_scale"] + frozen["latent_shift"])
   np.testing.assert_allclose(np.asarray(got), np.asarray(want, np.float32), atol=1e-5)
   assert jnp.all(jnp.isfinite(got))
+
+  # What the stage trains on: its loss equals the diffusion loss on latents made here from the
+  # VAE run's checkpoint alone (its EMA encoder, a posterior sample, its stored shift / scale);
+  # with a wrong scale the losses differ, so the comparison can tell.
+  from md_jax.diffusion import losses  # pylint: disable=g-import-not-at-top
+  from md_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  c = int(config.vae.latent_channels)
+  stats_abs = {k: jax.ShapeDtypeStruct((c,), np.float32) for k in ("latent_shift", "latent_scale")}
+  vae_stats = ckpt_lib.restore_subset(vae_workdir, {"frozen": stats_abs})[0]["frozen"]
+  obj = trainer.objective
+  batch = {k: jnp.asarray(v) for k, v in obj.host_batch(next(obj.data_iterator(0, 1))).items()}
+  encoder = vae_obj.encoder_spec(light_config).bind(vae_got["ema_params"]["vae"]["encoder"])
+  rng = jax.random.key(7)
+
+  @jax.jit
+  def losses_of(params, frozen, batch, scale):
+    in_step = obj.loss(params, frozen, batch, rng, 0)[0]
+    z_rng, d_rng = jax.random.split(rng)
+    z = vae_lib.sample_posterior(*encoder(batch["image"]), z_rng)
+    z = (z - vae_stats["latent_shift"]) / scale
+    context = batch.get("text_embedding")
+    if context is None:
+      context = ld.encode_text(frozen, batch["input_ids"])
+    by_hand = losses.diffusion_loss(
+        ld.schedule, ld.unet_apply(params["unet"]), z, context, d_rng,
+        loss_weighting=config.diffusion.loss_weighting,
+        min_snr_gamma=float(config.diffusion.min_snr_gamma))[0]
+    return in_step, by_hand
+
+  in_step, by_hand = map(float, losses_of(state["params"], frozen, batch,
+                                          vae_stats["latent_scale"]))
+  np.testing.assert_allclose(in_step, by_hand, rtol=1e-5)
+  _, wrong = map(float, losses_of(state["params"], frozen, batch,
+                                  2.0 * vae_stats["latent_scale"]))
+  assert abs(wrong - in_step) > 1e-3 * abs(in_step), (wrong, in_step)
 
 
 def test_light_decoder_starts_pruned_from_the_vae_decoder(vae_workdir, tmp_path):
