@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +55,32 @@ def case_args(case: str) -> list[str]:
   return args
 
 
+# The last line of a Python traceback ("ValueError: ...", "jaxlib...XlaRuntimeError: ...") or
+# the tool's own "error: ..." line.
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception)|error): ")
+
+
+def describe_failure(returncode: int, stderr: str, wall_s: float) -> str:
+  """One line saying why a compile process failed.
+
+  A process killed by a signal leaves no traceback; SIGKILL there is almost always the kernel's
+  OOM killer (a paper-size compile holds tens of GiB of host memory). Otherwise the exception's
+  own line: not a log line that merely contains "Error" (libtpu logs one about TPU worker
+  hostnames at start-up), nor the "see <url>" line some XLA errors end with.
+  """
+  if returncode < 0:
+    try:
+      name = signal.Signals(-returncode).name
+    except ValueError:
+      name = f"signal {-returncode}"
+    hint = (" - most likely out of host memory (the kernel's OOM killer): compile this case "
+            "alone, or on a machine with more RAM") if -returncode == signal.SIGKILL else ""
+    return f"compile process killed by {name} after {wall_s:.0f} s{hint}"
+  lines = [l.strip() for l in stderr.strip().splitlines() if l.strip()]
+  errors = [l for l in lines if _EXCEPTION_LINE.match(l)]
+  return (errors or lines or [f"exit {returncode}"])[-1]
+
+
 def run_case(case: str, timeout: float) -> dict:
   cmd = [sys.executable, "-m", "md_jax.tools.aot_compile", *case_args(case)]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -64,10 +92,7 @@ def run_case(case: str, timeout: float) -> dict:
     return dict(case=case, error=f"compile did not finish in {timeout:.0f}s")
   wall = round(time.time() - t0, 1)
   if proc.returncode != 0:
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    # The exception's own line, not the "see <url>" line some XLA errors end with.
-    errors = [l for l in lines if "Error" in l or l.startswith("error:")]
-    return dict(case=case, error=(errors or lines or [f"exit {proc.returncode}"])[-1],
+    return dict(case=case, error=describe_failure(proc.returncode, proc.stderr, wall),
                 wall_s=wall)
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   return dict(case=case, wall_s=wall, **report)
@@ -75,26 +100,28 @@ def run_case(case: str, timeout: float) -> dict:
 
 def table(rows: list[dict]) -> str:
   head = ("| case | chips | mesh (data, fsdp, tensor) | per-chip batch | accum | remat | "
-          "GiB/chip: total (args, temps) | HBM | fits | step TFLOP/chip | s at peak | compile s |")
+          "GiB/chip: total (args, temps) | HBM | fits | step TFLOP/chip | s at peak | compile s | "
+          "host GiB |")
   out = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if "error" in r:
-      out.append(f"| {r['case']} | | | | | | {r['error']} | | | | | |")
+      out.append(f"| {r['case']} | | | | | | {r['error']} | | | | | | |")
       continue
     m, mesh = r["memory_gib"], r["mesh"]
+    host = r.get("host_peak_rss_gib", "")  # the compile's peak resident memory on this machine
     if r.get("hbm_oom"):  # refused by the TPU compiler: what it needs, no flops
       o = r["hbm_oom"]
       out.append(
           f"| {r['case']} | {r['chips']} | {tuple(mesh.values())} | {r['per_chip_batch']} | "
           f"{r['grad_accum_steps']} | {r['remat']} | > {o['required_gib']:.2f} ({o['what']} "
           f"alone; compiler: {o['available_gib']:.2f} available) | {r['hbm_gib']} | NO | | | "
-          f"{r['compile_s']} |")
+          f"{r['compile_s']} | {host} |")
       continue
     out.append(
         f"| {r['case']} | {r['chips']} | {tuple(mesh.values())} | {r['per_chip_batch']} | "
         f"{r['grad_accum_steps']} | {r['remat']} | {m['total']:.2f} ({m['arguments']:.2f}, "
         f"{m['temporaries']:.2f}) | {r['hbm_gib']} | {'yes' if r['fits'] else 'NO'} | "
-        f"{r['step_tflops_per_chip']:.1f} | {r['step_s_at_peak']} | {r['compile_s']} |")
+        f"{r['step_tflops_per_chip']:.1f} | {r['step_s_at_peak']} | {r['compile_s']} | {host} |")
   return "\n".join(out)
 
 

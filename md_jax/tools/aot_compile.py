@@ -11,7 +11,7 @@ the state and batch are ShapeDtypeStructs with the run's shardings, and the step
 output, total) against the chip's HBM, whether it fits, and the step's flops per chip. A step
 that the TPU compiler refuses for lack of HBM is a result too: the report then has
 ``fits: false`` and ``hbm_oom`` (what the compiler says the step needs against what the chip
-has), and no flops.
+has), and no flops. ``host_peak_rss_gib`` is the compile's peak memory on this machine.
 Nothing is read from disk: UFOGen configs still insist on ``--config.init_from``, but any value
 compiles (it is read only when a run starts).
 """
@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import sys
 import time
 
@@ -128,7 +129,7 @@ def compile_for_topology(config, topology: str, global_batch_size: int = 0) -> d
       raise
     return dict(report, fits=False, hbm_oom=oom, memory_gib=None, step_flops_per_chip=None,
                 step_tflops_per_chip=None, step_s_at_peak=None,
-                compile_s=round(time.time() - t0, 1))
+                compile_s=round(time.time() - t0, 1), host_peak_rss_gib=_host_peak_rss_gib())
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   args = int(mem.argument_size_in_bytes)
@@ -150,7 +151,14 @@ def compile_for_topology(config, topology: str, global_batch_size: int = 0) -> d
       step_tflops_per_chip=round(flops / 1e12, 3),
       # The compute-bound floor of one step at the chip's bf16 peak (real steps are slower).
       step_s_at_peak=round(flops / peak, 4) if peak else None,
-      compile_s=round(compile_s, 1))
+      compile_s=round(compile_s, 1),
+      host_peak_rss_gib=_host_peak_rss_gib())
+
+
+def _host_peak_rss_gib() -> float:
+  """This process's peak resident memory so far (Linux reports KiB): what compiling needed on
+  this machine; a paper-size step holds tens of GiB."""
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 def main(argv):
