@@ -107,21 +107,19 @@ def table(rows: list[dict]) -> str:
     if "error" in r:
       out.append(f"| {r['case']} | | | | | | {r['error']} | | | | | | |")
       continue
-    m, mesh = r["memory_gib"], r["mesh"]
-    host = r.get("host_peak_rss_gib", "")  # the compile's peak resident memory on this machine
+    m = r["memory_gib"]
+    setup = (f"| {r['case']} | {r['chips']} | {tuple(r['mesh'].values())} | "
+             f"{r['per_chip_batch']} | {r['grad_accum_steps']} | {r['remat']} |")
+    # compile time and the compile's peak resident memory on this machine
+    tail = f" {r['compile_s']} | {r.get('host_peak_rss_gib', '')} |"
     if r.get("hbm_oom"):  # refused by the TPU compiler: what it needs, no flops
       o = r["hbm_oom"]
-      out.append(
-          f"| {r['case']} | {r['chips']} | {tuple(mesh.values())} | {r['per_chip_batch']} | "
-          f"{r['grad_accum_steps']} | {r['remat']} | > {o['required_gib']:.2f} ({o['what']} "
-          f"alone; compiler: {o['available_gib']:.2f} available) | {r['hbm_gib']} | NO | | | "
-          f"{r['compile_s']} | {host} |")
+      out.append(f"{setup} > {o['required_gib']:.2f} ({o['what']} alone; compiler: "
+                 f"{o['available_gib']:.2f} available) | {r['hbm_gib']} | NO | | |{tail}")
       continue
-    out.append(
-        f"| {r['case']} | {r['chips']} | {tuple(mesh.values())} | {r['per_chip_batch']} | "
-        f"{r['grad_accum_steps']} | {r['remat']} | {m['total']:.2f} ({m['arguments']:.2f}, "
-        f"{m['temporaries']:.2f}) | {r['hbm_gib']} | {'yes' if r['fits'] else 'NO'} | "
-        f"{r['step_tflops_per_chip']:.1f} | {r['step_s_at_peak']} | {r['compile_s']} | {host} |")
+    out.append(f"{setup} {m['total']:.2f} ({m['arguments']:.2f}, {m['temporaries']:.2f}) | "
+               f"{r['hbm_gib']} | {'yes' if r['fits'] else 'NO'} | "
+               f"{r['step_tflops_per_chip']:.1f} | {r['step_s_at_peak']} |{tail}")
   return "\n".join(out)
 
 
