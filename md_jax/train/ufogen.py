@@ -132,6 +132,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     _check_config(config)
     self.disc = disc_spec(config)
     self.lora = lora_spec(config, self.ld.unet) if self.u.finetune == "lora" else None
+    self._decoder_shape_checked = False  # see _require_decoder_shape_of_init_from
     if not config.init_from:
       raise ValueError("config.init_from is empty: UFOGen finetunes a pretrained diffusion run; "
                        "pass --config.init_from=WORKDIR_OF_THE_DIFFUSION_RUN")
@@ -208,7 +209,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     """The pretrained run's frozen VAE may hold a light decoder (its vae_workdir was a
     light-decoder run): this config's decoder shape must be that one. Checked before the first
     restore from init_from, once."""
-    if not getattr(self, "_decoder_shape_checked", False):
+    if not self._decoder_shape_checked:
       vae_obj.require_decoder_shape_of(
           self.config, ckpt_lib.read_config_json(self.config.init_from) or {},
           f"the pretrained run {self.config.init_from} (config.init_from) carries")
