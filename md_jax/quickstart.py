@@ -2,12 +2,12 @@
 
 VAE -> light decoder distilled against the VAE's frozen encoder (paper sec. 3.5) -> low-resolution
 diffusion (32px) -> high-resolution diffusion (64px, initialised from the low-res run), both
-reading latents through that encoder and decoding with the light decoder -> 50-step DDIM samples for the evaluation prompts, judged -> UFOGen one-step
-finetune of the high-res run (paper sec. 4) -> one-step samples for the same prompts, judged ->
-the Android bundle of the one-step generator (TFLite fp16 + int8, checked) and one LiteRT
-pipeline run per precision, all printed and written to WORKDIR/quickstart.json. Each training
-stage is a normal workdir (WORKDIR/vae, WORKDIR/light_decoder, WORKDIR/lowres, WORKDIR/highres,
-WORKDIR/ufogen) that
+reading latents through that encoder and decoding with the light decoder -> 50-step DDIM
+samples for the evaluation prompts, judged -> UFOGen one-step finetune of the high-res run
+(paper sec. 4) -> one-step samples for the same prompts, judged -> the Android bundle of the
+one-step generator (TFLite fp16 + int8, checked) and one LiteRT pipeline run per precision, all
+printed and written to WORKDIR/quickstart.json. Each training stage is a normal workdir
+(WORKDIR/vae, WORKDIR/light_decoder, WORKDIR/lowres, WORKDIR/highres, WORKDIR/ufogen) that
 ``python -m md_jax.main`` could run or resume on its own, and WORKDIR/bundle is what
 ``python -m tflite_export.export --workdir=WORKDIR/ufogen`` writes; rerunning the quickstart
 resumes whatever is unfinished and re-exports only when the exported checkpoint changed.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -177,6 +178,15 @@ def _print_summary(summary, workdir):
     print(f"[quickstart] held-out reconstruction PSNR: VAE decoder {vae['eval/recon_psnr']:.2f} "
           f"dB, light decoder {light['eval/recon_psnr']:.2f} dB (at its start "
           f"{light['eval/recon_psnr_at_init']:.2f} dB)")
+  for name, ev in (("VAE decoder", vae), ("light decoder", light)):
+    # eval/recon_judge_* at the stage's image size, eval/recon<N>_judge_* on N-px renders.
+    sizes = [m.group(1) for k in sorted(ev)
+             if (m := re.fullmatch(r"eval/recon(\d*)_judge_colour", k))]
+    if sizes:
+      print(f"[quickstart] {name} reconstructions judged, colour / shape: " + ", ".join(
+          f"{s + ' px' if s else 'at its image size'} "
+          f"{100 * ev[f'eval/recon{s}_judge_colour']:.1f}% / "
+          f"{100 * ev[f'eval/recon{s}_judge_shape']:.1f}%" for s in sorted(sizes, key=len)))
   rows = [(w.format(**summary[k]), summary[k]["scores"])
           for k, w in (("eval", "DDIM-{num_steps} (base)"), ("onestep_eval", "one-step (UFOGen)"))
           if k in summary]

@@ -46,6 +46,30 @@ def test_latent_stats_normalise_the_latents_diffusion_trains_on(vae_workdir):
   assert mean_only.reshape(-1, c).var(axis=0).mean() < 0.8 * var.mean()
 
 
+def test_reconstructions_are_judged_in_64px_units_at_every_size():
+  """The judge measures edge width in 64-px units, so the same blur in pixels that fails a 64-px
+  reconstruction passes a 128-px one: what the VAE evaluation's extra sizes
+  (config.vae.judge_extra_sizes) report next to the training size."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  from md_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from md_jax.train import vae as vae_obj  # pylint: disable=g-import-not-at-top
+  results = {}
+  for size in (64, 128):
+    recs = [shapes.make_record("eval", i, size, seed=3) for i in range(24)]
+    captions = [r["caption"] for r in recs]
+    sharp = np.stack([r["image"] for r in recs])
+    blurred = np.stack([ndimage.gaussian_filter(im.astype(np.float32), (2.0, 2.0, 0))
+                        for im in sharp]).round().clip(0, 255).astype(np.uint8)
+    results[size] = (vae_obj._judge_reconstructions(sharp, captions, "a"),
+                     vae_obj._judge_reconstructions(blurred, captions, "b"))
+  for size, (sharp, blurred) in results.items():
+    assert sharp["a_judge_colour"] == 1.0 and sharp["a_judge_rejected"] == 0.0, size
+    assert blurred["b_judge_unsharp_colour"] >= 0.9, size  # the blur keeps the content
+  assert results[64][1]["b_judge_rejected"] >= 0.9  # 2 px of blur is blurred at 64 px ...
+  assert results[128][1]["b_judge_colour"] >= 0.9  # ... and sharp enough at 128 px
+  assert results[128][1]["b_edge_width_median"] < 0.6 * results[64][1]["b_edge_width_median"]
+
+
 def test_light_decoder_config_shapes():
   config = tiny_config("light_decoder")
   assert config.trainer == "vae_light_decoder"

@@ -47,6 +47,13 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
   light = summary["light_decoder"]
   assert np.isfinite(light["eval/recon_psnr"]) and np.isfinite(light["eval/recon_psnr_at_init"])
   assert "light decoder" in proc.stdout and "held-out reconstruction PSNR" in proc.stdout
+  # Reconstructions are judged at the training size and on 128-px renders of the same records.
+  for ev in (summary["vae"], light):
+    for key in ("eval/recon_judge_colour", "eval/recon128_judge_colour",
+                "eval/recon128_judge_unsharp_shape"):
+      assert 0.0 <= ev[key] <= 1.0, key
+  assert "light decoder reconstructions judged, colour / shape" in proc.stdout
+  assert "128 px" in proc.stdout
   light_vae = _final_config(workdir, "light_decoder")["vae"]
   assert light_vae["decoder_channels"] == [16, 24, 48, 48], light_vae
   for stage in ("lowres", "highres", "ufogen"):
