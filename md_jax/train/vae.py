@@ -415,10 +415,13 @@ class VAEObjective(_Perceptual, loop.Objective):
     n = int(cfg.sample.num_eval_samples)
     div = shd.batch_divisor(self.mesh)
     n = max(div, (n // div) * div)
-    size = int(cfg.data.image_size)
-    records = [shapes.make_record("eval", i, size, seed=int(cfg.sample.eval_seed))
-               for i in range(n)]
-    images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
+
+    def held_out(size):  # the evaluation records rendered at ``size``, and as model input
+      records = [shapes.make_record("eval", i, size, seed=int(cfg.sample.eval_seed))
+                 for i in range(n)]
+      return records, np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
+
+    records, images = held_out(int(cfg.data.image_size))
     recon = jax.jit(self.reconstruct)
     params = self._params_for_eval(state)
     x = jax.device_put(images, shd.batch_sharding(self.mesh, 4))
@@ -433,10 +436,7 @@ class VAEObjective(_Perceptual, loop.Objective):
     # measures edges in 64-px units), i.e. the ceiling a diffusion stage at that size would have.
     extra = {}
     for extra_size in tuple(cfg.vae.get("judge_extra_sizes", ()) or ()):
-      recs = [shapes.make_record("eval", i, int(extra_size), seed=int(cfg.sample.eval_seed))
-              for i in range(n)]
-      xs = np.stack([r["image"] for r in recs]).astype(np.float32) / 127.5 - 1.0
-      xs = jax.device_put(xs, shd.batch_sharding(self.mesh, 4))
+      xs = jax.device_put(held_out(int(extra_size))[1], shd.batch_sharding(self.mesh, 4))
       extra[int(extra_size)] = images_lib.gather_to_host(recon(params, state["frozen"], xs))
     if jax.process_index() == 0:
       recon_u8 = images_lib.to_uint8(y_host)
