@@ -464,12 +464,14 @@ def _judge_reconstructions(recon_u8, captions, prefix: str) -> dict:
   and ``{prefix}_edge_width_median``."""
   from md_jax.evaluators import shapes_judge  # pylint: disable=g-import-not-at-top
   judged = shapes_judge.score(list(recon_u8), captions)
-  lenient = shapes_judge.score(list(recon_u8), captions, require_sharp=False)
+  # One lenient pass per image gives both the diagnostic score and the edge widths.
+  verdicts = [shapes_judge.judge(im, c, require_sharp=False) for im, c in zip(recon_u8, captions)]
+  lenient = shapes_judge.summarise(verdicts)
   out = {}
   for key in ("colour", "shape", "position", "all", "rejected"):
     out[f"{prefix}_judge_{key}"] = float(judged[key])
     out[f"{prefix}_judge_unsharp_{key}"] = float(lenient[key])
-  edges = [shapes_judge.analyse(im, require_sharp=False).get("edge_width") for im in recon_u8]
+  edges = [(v["detected"] or {}).get("edge_width") for v in verdicts]
   edges = [e for e in edges if e is not None]
   if edges:
     out[f"{prefix}_edge_width_median"] = float(np.median(edges))
