@@ -74,13 +74,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.grad_accum_steps = 2
     c.sample.batch_size = 64
   elif size == "full":
-    # The quickstart's last training stage, sized to its 20-minute budget (2 cores, cold
-    # compilation cache): pretraining and export take ~16.5 min, and this stage spends ~2.3 min
-    # restoring, compiling the GAN step (~105 s) and judging 256 one-step samples before its
-    # ~1 s steps. A token finetune that exercises the chain; for a real one raise
-    # --config.num_train_steps / --config.global_batch_size (benchmarks/ufogen_table.py).
+    # The quickstart's last training stage (128 px, as its high-res run), sized to its 20-minute
+    # budget (2 cores, cold compilation cache): restoring, compiling the GAN step and judging 256
+    # one-step samples take most of it. A token finetune that exercises the chain; for a real one
+    # raise --config.num_train_steps / --config.global_batch_size (benchmarks/ufogen_table.py).
     c.num_train_steps = 60
-    c.global_batch_size = 16
+    c.global_batch_size = 8
   elif size == "smoke":
     c.num_train_steps = 20
     c.optim.warmup_steps = 2

@@ -1,7 +1,7 @@
 """The embedded end-to-end run on shapes, in one process (one JAX start-up, one compile cache).
 
 VAE -> light decoder distilled against the VAE's frozen encoder (paper sec. 3.5) -> low-resolution
-diffusion (32px) -> high-resolution diffusion (64px, initialised from the low-res run), both
+diffusion (64px) -> high-resolution diffusion (128px, initialised from the low-res run), both
 reading latents through that encoder and decoding with the light decoder -> 50-step DDIM
 samples for the evaluation prompts, judged -> UFOGen one-step finetune of the high-res run
 (paper sec. 4) -> one-step samples for the same prompts, judged -> the Android bundle of the

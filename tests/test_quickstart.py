@@ -187,3 +187,20 @@ def test_bundle_judge_refuses_a_bundle_not_trained_on_shapes(tmp_path):
   with pytest.raises(ValueError, match="not a model trained on the shapes data"):
     judge.judge_bundle(str(tmp_path), num_samples=4)
   assert judge.main(["--bundle", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.parametrize("size,low,high", [("full", 64, 128), ("smoke", 32, 64)])
+def test_chain_resolutions_and_the_final_size_reconstruction_ceiling(size, low, high):
+  """The diffusion stages run low -> high resolution (the full chain 64 -> 128 px: its decoder
+  fails most 64-px images on sharpness), latents at f=8 from the 64-px VAE, UFOGen at the high-res
+  run's size, and the full VAE stages judge their reconstructions at the final size too, so the
+  ceiling for the quickstart's samples is in every run's report."""
+  from md_jax import quickstart  # pylint: disable=g-import-not-at-top
+  cfg = {s: quickstart.stage_config("/tmp/qs", s, size) for s in quickstart.STAGES}
+  assert cfg["vae"].data.image_size == cfg[quickstart.LIGHT_STAGE].data.image_size == 64
+  assert (cfg["lowres"].data.image_size, cfg["highres"].data.image_size) == (low, high)
+  assert cfg["ufogen"].data.image_size == high
+  assert cfg["highres"].init_from == "/tmp/qs/lowres"
+  if size == "full":
+    for stage in ("vae", quickstart.LIGHT_STAGE):
+      assert high in tuple(cfg[stage].vae.judge_extra_sizes), stage
