@@ -59,6 +59,21 @@ def test_bad_config_value_names_the_key(tmp_path):
     loop.train_and_evaluate(config, str(tmp_path / "w"))
 
 
+@pytest.mark.parametrize("spec", ["shapes.py:lowres,tiny", "ufogen.py:tiny"])
+def test_a_trainable_text_encoder_is_refused_naming_the_key(spec, tmp_path):
+  """config.text.frozen says what the diffusion trainers do; False is refused, not ignored."""
+  from md_jax import config_loading  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(f"configs/{spec}")
+  with config.unlocked():
+    config.compilation_cache_dir = os.environ["MD_JAX_COMPILATION_CACHE"]
+    config.init_from = str(tmp_path / "pretrained")
+    config.vae_workdir = str(tmp_path / "vae")
+    config.text.frozen = False
+  with pytest.raises(ValueError, match=r"config.text.frozen=False"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
 # Every config file (with its stage args): a None default must still take a command-line value.
 _CONFIG_SPECS = ("shapes.py:vae", "shapes.py:light_decoder", "shapes.py:lowres",
                  "shapes.py:highres", "shapes_relu.py", "ufogen.py", "ufogen.py:md512",

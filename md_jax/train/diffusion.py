@@ -250,6 +250,12 @@ class DiffusionObjective(loop.Objective):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
+    if not bool(config.text.get("frozen", True)):
+      # The encoder sits in the frozen part of the state, is shared with every later stage and
+      # export, and the text cache is keyed by its weights; training it is not wired.
+      raise ValueError("config.text.frozen=False: the diffusion trainers keep the text encoder "
+                       "frozen (paper sec. 3.1; measured on shapes, training it with the UNet "
+                       "did not help); set --config.text.frozen=True")
     self.ld = LatentDiffusion(config)
 
   @property
