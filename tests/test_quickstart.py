@@ -192,9 +192,9 @@ def test_bundle_judge_refuses_a_bundle_not_trained_on_shapes(tmp_path):
 @pytest.mark.parametrize("size,low,high", [("full", 64, 128), ("smoke", 32, 64)])
 def test_chain_resolutions_and_the_final_size_reconstruction_ceiling(size, low, high):
   """The diffusion stages run low -> high resolution (the full chain 64 -> 128 px: its decoder
-  fails most 64-px images on sharpness), latents at f=8 from the 64-px VAE, UFOGen at the high-res
-  run's size, and the full VAE stages judge their reconstructions at the final size too, so the
-  ceiling for the quickstart's samples is in every run's report."""
+  fails most 64-px images on sharpness) through the 64-px VAE, UFOGen at the high-res run's size,
+  and the full VAE stages judge their reconstructions at the final size too, so the ceiling for
+  the quickstart's samples is in every run's report."""
   from md_jax import quickstart  # pylint: disable=g-import-not-at-top
   cfg = {s: quickstart.stage_config("/tmp/qs", s, size) for s in quickstart.STAGES}
   assert cfg["vae"].data.image_size == cfg[quickstart.LIGHT_STAGE].data.image_size == 64
