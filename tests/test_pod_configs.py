@@ -150,3 +150,19 @@ def test_grad_accumulation_matches_full_batch_update():
 def test_grad_accumulation_must_divide_the_batch():
   with pytest.raises(ValueError, match="grad_accum_steps=3"):
     _step(3)
+
+
+def test_step_flops_count_every_micro_batch():
+  """MFU and the AOT table read trainer.step_flops; XLA counts the micro-batch scan's body once,
+  so without scaling an accumulated step would report 1/k of its flops."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  flops = {}
+  for k in (1, 2):
+    config = tiny_config("vae")
+    with config.unlocked():
+      config.optim.grad_accum_steps = k
+    trainer = loop.Trainer(config, workdir="")
+    trainer.compile_step(trainer.objective.batch_spec(int(config.global_batch_size)))
+    flops[k] = trainer.step_flops
+  assert flops[1] > 0
+  assert flops[2] == pytest.approx(flops[1], rel=0.03), flops
