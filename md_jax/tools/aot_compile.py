@@ -99,13 +99,14 @@ def compile_for_topology(config, topology: str, global_batch_size: int = 0) -> d
   """Lowers and compiles ``config``'s train step for ``topology``; returns the report dict."""
   import jax  # pylint: disable=g-import-not-at-top
   from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from md_jax.train import optim  # pylint: disable=g-import-not-at-top
   from md_jax.train import sharding as shd  # pylint: disable=g-import-not-at-top
 
   devices = topology_devices(topology)
   mesh = shd.make_mesh(config.mesh_shape, config.mesh_axes, devices=devices)
   batch = int(global_batch_size or config.global_batch_size)
   div = shd.batch_divisor(mesh)
-  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+  accum = optim.grad_accum_steps(config)
   if batch % div or (batch // div) % accum:
     raise ValueError(f"global batch {batch} does not split over the {div} devices of the data "
                      f"axes of mesh {dict(mesh.shape)} into grad_accum_steps={accum} micro-batches")

@@ -422,7 +422,7 @@ class Trainer:
     batch and the same update on a slice with 1/k of the activation memory. Micro-batch j takes
     rows j, j+k, j+2k, ..., so every device contributes rows to every micro-batch and none idles.
     """
-    k = int(self.config.optim.get("grad_accum_steps", 1) or 1)
+    k = optim.grad_accum_steps(self.config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if k <= 1:
       return grad_fn(sub, batch, rng)
@@ -464,8 +464,7 @@ class Trainer:
     # XLA's cost analysis counts a while loop's body once, and with grad_accum_steps = k the
     # micro-batches run as a k-trip scan: scale by k (the optimizer update outside the loop is
     # then over-counted; under 1% at k = 2 on the tiny test config, less at paper size).
-    accum = int(self.config.optim.get("grad_accum_steps", 1) or 1)
-    self.step_flops = _cost_flops(compiled) * accum
+    self.step_flops = _cost_flops(compiled) * optim.grad_accum_steps(self.config)
     self._compiled_step = compiled
     return compiled
 
@@ -543,7 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(
         f"config.global_batch_size={config.global_batch_size} is not divisible by the "
         f"{shd.batch_divisor(mesh)} devices of the data axes of mesh {dict(mesh.shape)}")
-  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+  accum = optim.grad_accum_steps(config)
   if accum < 1 or (config.global_batch_size // shd.batch_divisor(mesh)) % accum:
     raise ValueError(
         f"config.optim.grad_accum_steps={accum} must divide the per-device batch "

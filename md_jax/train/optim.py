@@ -57,3 +57,8 @@ def ema_decay(cfg: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
   """EMA decay with a warmup (min(decay, (1+n)/(10+n))) so early EMA tracks the fast weights."""
   step = step.astype(jnp.float32)
   return jnp.minimum(float(cfg.ema_decay), (1.0 + step) / (10.0 + step))
+
+
+def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
+  """``config.optim.grad_accum_steps``: micro-batches per step (absent, None or 0 mean 1)."""
+  return int(config.optim.get("grad_accum_steps", 1) or 1)
