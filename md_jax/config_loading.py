@@ -51,16 +51,25 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides, flag: str = "--override"):
-  """Applies ``KEY=VALUE`` strings (dotted keys, JSON values cast to the key's current type;
-  string keys take VALUE as is) to an unlocked ``config``; an unknown key raises KeyError
-  naming ``flag`` and the key."""
+  """Applies ``KEY=VALUE`` strings (dotted keys, JSON values cast to the key's current type, any
+  JSON value for a None key; string keys take VALUE as is) to an unlocked ``config``. An unknown
+  key raises KeyError naming ``flag`` and the key; a value that does not parse as the key's type,
+  ValueError naming both."""
   for item in overrides:
     key, _, value = item.partition("=")
     node = config
     parts = key.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    if parts[-1] not in node:
-      raise KeyError(f"{flag}={item}: config has no key {key!r}")
-    old = node[parts[-1]]
-    node[parts[-1]] = type(old)(json.loads(value)) if not isinstance(old, str) else value
+    for p in parts:
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise KeyError(f"{flag}={item}: config has no key {key!r}")
+      parent, node = node, node[p]
+    old = node
+    if isinstance(old, str):
+      parent[parts[-1]] = value
+      continue
+    try:
+      parsed = json.loads(value)
+      parent[parts[-1]] = parsed if old is None else type(old)(parsed)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{flag}={item}: {value!r} is not a JSON {type(old).__name__} for "
+                       f"{key!r} (e.g. lists as [1,2], booleans as true/false): {e}") from None

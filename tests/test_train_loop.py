@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,6 +50,24 @@ def test_unknown_config_key_fails_before_any_work(tmp_path):
   assert proc.returncode != 0
   assert "learnig_rate" in proc.stderr
   assert not workdir.exists(), "nothing should be created for a bad config"
+
+
+def test_quickstart_overrides_name_the_key_they_cannot_apply():
+  """--override=KEY=VALUE (the quickstart's per-stage overrides): unknown keys at any depth and
+  values that do not parse as the key's type fail naming the flag and the key."""
+  from md_jax import config_loading  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config("configs/shapes.py:lowres,tiny")
+  with config.unlocked():
+    config_loading.apply_overrides(config, ["unet.channels=[8,16,16]", "seed=3",
+                                            "vae.cache_dir=/x", "eval_at_end=false"])
+    assert tuple(config.unet.channels) == (8, 16, 16) and config.seed == 3
+    assert config.vae.cache_dir == "/x" and config.eval_at_end is False
+    for bad in ("unett.channels=[1]", "unet.chanels=[1]", "seed.x=1"):
+      with pytest.raises(KeyError, match=f"--override={re.escape(bad)}: config has no key"):
+        config_loading.apply_overrides(config, [bad])
+    with pytest.raises(ValueError, match=r"--override=unet.channels=\(8,16\): '\(8,16\)' is "
+                                         r"not a JSON tuple for 'unet.channels'"):
+      config_loading.apply_overrides(config, ["unet.channels=(8,16)"])
 
 
 def test_bad_config_value_names_the_key(tmp_path):
