@@ -54,3 +54,16 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys)
   assert len(table) == 3 and table[1].count("|") == table[0].count("|")
   assert table[2] == ("| (c) diffusion,full | 50.0% [40.0, 60.0] | 25.0% | 75.0% | 12.5% | 6.2% | "
                       "50.0% / 25.0% | 62.5% / 37.5% / 87.5% | 812 | 0.123 |")
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: two tiny train steps compile
+def test_latent_cache_step_compares_the_same_step_both_ways(monkeypatch, capsys):
+  bench = _load("latent_cache_step")
+  monkeypatch.setattr("sys.argv", ["latent_cache_step.py", "--stage", "highres", "--size", "tiny",
+                                   "--runs", "1", "--batch", "8"])
+  assert bench.main() == 0
+  out = capsys.readouterr().out
+  losses = [float(line.rsplit("loss ", 1)[1].rstrip(")")) for line in out.splitlines()
+            if "step" in line and "loss " in line]
+  assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-5, out  # the same step both ways
+  assert "speed-up with the cache:" in out and "ms per image" in out

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from md_jax.data import latent_cache as latent_cache_lib
 from md_jax.data import shapes
 from md_jax.data import text_cache as text_cache_lib
 
@@ -101,18 +102,27 @@ class _ProcessRows(grain.MapDataset):
     return self._parent[step * self._g + self._offset + row]
 
 
+def shapes_images(source: shapes.ShapesSource, indices) -> np.ndarray:
+  """float32 (n, H, W, 3) images in [-1, 1] of records `indices`, as batches carry them."""
+  images = np.stack([source[int(i)]["image"] for i in np.asarray(indices).reshape(-1)])
+  return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
 class _MakeBatch:
-  """Record indices (b,) -> batch: images in [-1, 1], token ids, labels (+ cached embeddings)."""
+  """Record indices (b,) -> batch: images in [-1, 1] (or cached latent posteriors), token ids,
+  labels (+ cached embeddings)."""
 
   def __init__(self, source: shapes.ShapesSource, tokenizer, max_length: int,
                caption_dropout: float, seed: int,
-               text_cache: text_cache_lib.TextEmbeddingCache | None = None):
+               text_cache: text_cache_lib.TextEmbeddingCache | None = None,
+               latent_cache: latent_cache_lib.LatentCache | None = None):
     self._source = source
     self._tokenizer = tokenizer
     self._max_length = max_length
     self._dropout = float(caption_dropout)
     self._seed = seed
     self._cache = text_cache
+    self._latents = latent_cache
 
   def _drop_caption(self, index: int) -> bool:
     if self._dropout <= 0.0:
@@ -126,9 +136,13 @@ class _MakeBatch:
     indices = [int(i) for i in np.asarray(indices).reshape(-1)]
     recs = [self._source[i] for i in indices]
     texts = ["" if self._drop_caption(i) else r["caption"] for i, r in zip(indices, recs)]
-    images = np.stack([r["image"] for r in recs]).astype(np.float32)
-    batch = dict(
-        image=images * np.float32(2.0 / 255.0) - np.float32(1.0),
+    batch = {}
+    if self._latents is None:
+      images = np.stack([r["image"] for r in recs]).astype(np.float32)
+      batch["image"] = images * np.float32(2.0 / 255.0) - np.float32(1.0)
+    else:  # the source renders at its smallest size: only captions and labels are read
+      batch["latent_mean"], batch["latent_logvar"] = self._latents.moments(indices)
+    batch.update(
         input_ids=tokenize(self._tokenizer, texts, self._max_length),
         colour=np.array([r["colour"] for r in recs], np.int32),
         shape=np.array([r["shape"] for r in recs], np.int32),
@@ -160,8 +174,8 @@ def make_shapes_dataset(*, split: str, image_size: int, global_batch_size: int,
                         tokenizer, max_length: int, num_records: int = 1_000_000,
                         caption_dropout: float = 0.0, data_seed: int | None = None,
                         num_threads: int = 1, prefetch_batches: int = 2,
-                        worker_count: int = 0, text_cache: str | None = None
-                        ) -> grain.IterDataset:
+                        worker_count: int = 0, text_cache: str | None = None,
+                        latent_cache: str | None = None) -> grain.IterDataset:
   """The batched IterDataset behind make_shapes_iterator (same arguments)."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"need 0 <= process_index < process_count, got "
@@ -175,7 +189,14 @@ def make_shapes_dataset(*, split: str, image_size: int, global_batch_size: int,
   if not 0.0 <= caption_dropout <= 1.0:
     raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
   data_seed = seed if data_seed is None else data_seed
-  source = shapes.ShapesSource(split, image_size, num_records, data_seed)
+  latents = None
+  if latent_cache:
+    latents = latent_cache_lib.LatentCache(latent_cache)
+    latents.check(image_size=image_size, num_records=num_records,
+                  **shapes_cache_source(split, data_seed))
+  # Captions and labels do not depend on the image size: with cached latents no image is used,
+  # so records render at the smallest size.
+  source = shapes.ShapesSource(split, 16 if latents else image_size, num_records, data_seed)
   cache = None
   if text_cache:
     cache = text_cache_lib.TextEmbeddingCache(text_cache)
@@ -190,7 +211,8 @@ def make_shapes_dataset(*, split: str, image_size: int, global_batch_size: int,
   # (neither changes which records end up together), and the captions of a
   # batch are tokenized in one call.
   ds = rows.batch(global_batch_size // process_count, drop_remainder=True)
-  ds = ds.map(_MakeBatch(source, tokenizer, max_length, caption_dropout, data_seed, cache))
+  ds = ds.map(_MakeBatch(source, tokenizer, max_length, caption_dropout, data_seed, cache,
+                         latents))
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads, 1)))
   if worker_count > 0:
@@ -209,7 +231,8 @@ def make_shapes_iterator(*, split: str, image_size: int, global_batch_size: int,
                          caption_dropout: float = 0.0, data_seed: int | None = None,
                          num_threads: int = 1, prefetch_batches: int = 2,
                          worker_count: int = 0,
-                         text_cache: str | None = None) -> grain.DatasetIterator:
+                         text_cache: str | None = None,
+                         latent_cache: str | None = None) -> grain.DatasetIterator:
   """Endless, checkpointable iterator over this process's slice of each batch.
 
   Yields dict(image=float32 (b, H, W, 3) in [-1, 1], input_ids=int32
@@ -221,7 +244,10 @@ def make_shapes_iterator(*, split: str, image_size: int, global_batch_size: int,
   guidance). With `text_cache` (a directory written by text_cache.write_text_cache for this
   split and data seed, e.g. by md_jax.tools.build_text_cache) each batch also carries
   text_embedding=float32 (b, max_length, hidden): the frozen encoder's output for the caption,
-  the empty prompt's for dropped ones. The iterator supports get_state()/set_state() and
+  the empty prompt's for dropped ones. With `latent_cache` (a directory written by
+  latent_cache.write_latent_cache for this split, data seed and image size, e.g. by
+  md_jax.tools.build_latent_cache) batches carry latent_mean / latent_logvar = float32
+  (b, h, w, c), the frozen VAE's posterior of each image, instead of `image`. The iterator supports get_state()/set_state() and
   grain.checkpoint.CheckpointSave/CheckpointRestore with orbax.
 
   Throughput knobs, none of which changes the data or its order:
@@ -236,7 +262,8 @@ def make_shapes_iterator(*, split: str, image_size: int, global_batch_size: int,
       process_index=process_index, process_count=process_count, seed=seed,
       tokenizer=tokenizer, max_length=max_length, num_records=num_records,
       caption_dropout=caption_dropout, data_seed=data_seed, num_threads=num_threads,
-      prefetch_batches=prefetch_batches, worker_count=worker_count, text_cache=text_cache))
+      prefetch_batches=prefetch_batches, worker_count=worker_count, text_cache=text_cache,
+      latent_cache=latent_cache))
 
 
 def shapes_cache_source(split: str, data_seed: int) -> dict:

@@ -19,7 +19,9 @@ import ml_collections
 import numpy as np
 
 from md_jax import config_base
+from md_jax.data import latent_cache as latent_cache_lib
 from md_jax.data import pipeline
+from md_jax.data import shapes as shapes_lib
 from md_jax.data import text_cache as text_cache_lib
 from md_jax.diffusion import losses
 from md_jax.diffusion import samplers
@@ -100,6 +102,11 @@ class LatentDiffusion:
 
   def encode_images(self, frozen, images, rng):
     mean, logvar = self.vae.bind(frozen["vae"]).encode(images)
+    return self.latents_from_moments(frozen, mean, logvar, rng)
+
+  def latents_from_moments(self, frozen, mean, logvar, rng):
+    """A normalised latent drawn from the VAE posterior (the encoder's output, or a latent
+    cache's row of it)."""
     z = vae_lib.sample_posterior(mean, logvar, rng)
     z = (z.astype(jnp.float32) - frozen["latent_shift"]) / frozen["latent_scale"]
     return jax.lax.stop_gradient(z)
@@ -140,6 +147,12 @@ class LatentDiffusion:
 def text_cache_dir(config) -> str:
   """config.text.cache_dir: precomputed caption embeddings (md_jax.tools.build_text_cache)."""
   return str(config.text.get("cache_dir", "") or "")
+
+
+def latent_cache_dir(config) -> str:
+  """config.vae.cache_dir: precomputed VAE posteriors of the training images
+  (md_jax.tools.build_latent_cache)."""
+  return str(config.vae.get("cache_dir", "") or "")
 
 
 def sample_noise(seed: int, indices: np.ndarray, shape) -> jax.Array:
@@ -245,6 +258,32 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
   return config, ld, mesh, params["unet"], got["frozen"], step
 
 
+def restore_frozen_vae(cfg, vae_abs, stats_abs):
+  """(VAE params, dict(latent_shift, latent_scale), description) of ``cfg.vae_workdir``.
+
+  A VAE run gives its own encoder and decoder; a light-decoder run gives the encoder it was
+  distilled against with its light decoder (paper sec. 3.5), so samples of every later stage
+  decode with it. ``vae_abs`` / ``stats_abs``: abstract arrays (with shardings) to restore into.
+  """
+  if not cfg.vae_workdir:
+    raise ValueError("config.vae_workdir is empty: the diffusion trainer reads latents through "
+                     "a trained VAE; pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN (or of a "
+                     "light-decoder run, to decode with its light decoder)")
+  src_config = ckpt_lib.read_config_json(cfg.vae_workdir) or {}
+  if src_config.get("trainer") == vae_obj.LIGHT_TRAINER:
+    vae_params, stats, step, which = vae_obj.restore_vae_of_light_run(cfg, src_config, vae_abs,
+                                                                       stats_abs)
+    what = (f"encoder and light decoder ({which}) of the light-decoder run {cfg.vae_workdir} "
+            f"step {step}")
+  else:
+    vae_params, got, step, which = ckpt_lib.restore_preferring_ema(
+        cfg.vae_workdir, {"vae": vae_abs}, {"frozen": stats_abs})
+    vae_params, stats = vae_params["vae"], got["frozen"]
+    what = f"VAE ({which}) from {cfg.vae_workdir} step {step}"
+  logging.info("VAE: %s", what)
+  return vae_params, stats, what
+
+
 @loop.register("diffusion")
 class DiffusionObjective(loop.Objective):
 
@@ -267,29 +306,14 @@ class DiffusionObjective(loop.Objective):
 
   def init_frozen(self, shardings):
     cfg = self.config
-    if not cfg.vae_workdir:
-      raise ValueError("config.vae_workdir is empty: the diffusion trainer reads latents through "
-                       "a trained VAE; pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN (or of a "
-                       "light-decoder run, to decode with its light decoder)")
     vae_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            self.ld.vae.abstract_params, shardings["vae"])
     stats_abs = {k: jax.ShapeDtypeStruct((int(cfg.vae.latent_channels),), jnp.float32,
                                          sharding=shardings[k])
                  for k in ("latent_shift", "latent_scale")}
-    src_config = ckpt_lib.read_config_json(cfg.vae_workdir) or {}
-    if src_config.get("trainer") == vae_obj.LIGHT_TRAINER:
-      # Latents through the encoder the light decoder was distilled against; samples decoded by
-      # the light decoder (paper sec. 3.5), here and in every sampler and export of this run.
-      vae_params, stats, step, which = vae_obj.restore_vae_of_light_run(cfg, src_config, vae_abs,
-                                                                         stats_abs)
-      got = {"frozen": stats}
-      logging.info("VAE: encoder and light decoder (%s) of the light-decoder run %s step %d",
-                   which, cfg.vae_workdir, step)
-    else:
-      vae_params, got, step, which = ckpt_lib.restore_preferring_ema(
-          cfg.vae_workdir, {"vae": vae_abs}, {"frozen": stats_abs})
-      vae_params = vae_params["vae"]
-      logging.info("VAE (%s) from %s step %d", which, cfg.vae_workdir, step)
+    vae_params, stats, _ = restore_frozen_vae(cfg, vae_abs, stats_abs)
+    got = {"frozen": stats}
+    self.verify_latent_cache(vae_params)
     hf_dir = str(cfg.text.get("hf_dir", "") or "")
     if hf_dir:
       text_params = jax.device_put(load_hf_text_params(cfg, hf_dir), shardings["text"])
@@ -318,15 +342,20 @@ class DiffusionObjective(loop.Objective):
 
   def data_iterator(self, process_index, process_count):
     return vae_obj.make_data_iterator(self.config, process_index, process_count,
-                                      text_cache=text_cache_dir(self.config) or None)
+                                      text_cache=text_cache_dir(self.config) or None,
+                                      latent_cache=latent_cache_dir(self.config) or None)
 
   def validation_iterator(self, process_index, process_count):
     # No text cache: it is keyed by training records; the step's frozen tower encodes captions.
     return vae_obj.validation_data_iterator(self.config, process_index, process_count)
 
   def host_batch(self, element):
-    out = {"image": np.asarray(element["image"], np.float32),
-           "input_ids": np.asarray(element["input_ids"], np.int32)}
+    out = {"input_ids": np.asarray(element["input_ids"], np.int32)}
+    if "latent_mean" in element:  # a latent cache's posterior: the encoder is skipped in step
+      out["latent_mean"] = np.asarray(element["latent_mean"], np.float32)
+      out["latent_logvar"] = np.asarray(element["latent_logvar"], np.float32)
+    else:
+      out["image"] = np.asarray(element["image"], np.float32)
     if "text_embedding" in element:  # precomputed by the frozen encoder: it is skipped in step
       out["text_embedding"] = np.asarray(element["text_embedding"], np.float32)
     if "skipped" in element:  # real records: bad ones passed over (reported as a metric)
@@ -343,10 +372,47 @@ class DiffusionObjective(loop.Objective):
     fn = jax.jit(self.ld.encode_text, out_shardings=shd.replicated(self.mesh))
     cache.verify_encoder(lambda ids: jax.device_get(fn({"text": text_params}, ids)))
 
+  def batch_spec(self, global_batch_size):
+    spec = super().batch_spec(global_batch_size)
+    if latent_cache_dir(self.config):
+      h, w, c = self.ld.latent_shape(int(self.config.data.image_size))
+      del spec["image"]
+      for k in ("latent_mean", "latent_logvar"):
+        spec[k] = jax.ShapeDtypeStruct((global_batch_size, h, w, c), jnp.float32)
+    return spec
+
+  def verify_latent_cache(self, vae_params) -> None:
+    """Fails early if config.vae.cache_dir does not hold this data's latents under this VAE."""
+    directory = latent_cache_dir(self.config)
+    if not directory:
+      return
+    cfg = self.config
+    size = int(cfg.data.image_size)
+    cache = latent_cache_lib.LatentCache(directory)
+    cache.check(image_size=size, latent_shape=self.ld.latent_shape(size),
+                num_records=int(cfg.data.num_records),
+                **pipeline.shapes_cache_source("train", int(cfg.data.seed)))
+    source = shapes_lib.ShapesSource("train", size, cache.num_rows, int(cfg.data.seed))
+    fn = jax.jit(lambda p, x: self.ld.vae.bind(p).encode(x),
+                 out_shardings=shd.replicated(self.mesh))
+    err = cache.verify_encoder(
+        lambda idx: pipeline.shapes_images(source, idx),
+        lambda x: jax.device_get(fn(vae_params, x)))
+    logging.info("latent cache %s: %d records, re-encoding matches to %.2g", directory,
+                 cache.num_rows, err)
+
+  def batch_latents(self, frozen, batch, rng):
+    """Normalised latents of a batch: drawn from its cached posteriors when it carries them
+    (config.vae.cache_dir), else from the frozen encoder's posterior of its images."""
+    if "latent_mean" in batch:
+      return self.ld.latents_from_moments(frozen, batch["latent_mean"], batch["latent_logvar"],
+                                          rng)
+    return self.ld.encode_images(frozen, batch["image"], rng)
+
   def loss(self, params, frozen, batch, rng, step):
     ld = self.ld
     z_rng, d_rng = jax.random.split(rng)
-    z = ld.encode_images(frozen, batch["image"], z_rng)
+    z = self.batch_latents(frozen, batch, z_rng)
     if "text_embedding" in batch:
       context = jax.lax.stop_gradient(batch["text_embedding"])
     else:

@@ -224,6 +224,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     frozen = dict(got["frozen"])
     logging.info("text encoder, VAE and latent stats from %s step %d", self.config.init_from, step)
     self.verify_text_cache(frozen["text"])
+    self.verify_latent_cache(frozen["vae"])
     if self.uses_teacher:
       teacher_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  self.ld.unet.abstract_params, shardings["teacher"])
@@ -293,7 +294,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(self.config.seed)), step),
                              0x0F06)
     z_rng, t_rng, n_rng, r_rng, f_rng = jax.random.split(key, 5)
-    z = ld.encode_images(frozen, batch["image"], z_rng)
+    z = self.batch_latents(frozen, batch, z_rng)
     if "text_embedding" in batch:
       context = jax.lax.stop_gradient(batch["text_embedding"])
     else:

@@ -142,7 +142,8 @@ def validation_data_iterator(config, process_index, process_count):
 
 
 def make_data_iterator(config, process_index, process_count, *, split="train", seed_offset=0,
-                       image_size=None, caption_dropout=None, text_cache=None):
+                       image_size=None, caption_dropout=None, text_cache=None,
+                       latent_cache=None):
   tokenizer = pipeline.load_tokenizer(pipeline.tokenizer_dir(config.text))
   source = str(config.data.get("source", "") or "")
   if not source and config.data.get("name", "shapes") != "shapes":
@@ -150,9 +151,11 @@ def make_data_iterator(config, process_index, process_count, *, split="train", s
                      "directory written by `python -m md_jax.data.prepare` or tfds:NAME[:SPLIT])")
   if source:
     # Real image-text records (python -m md_jax.data.prepare, or tfds:NAME[:SPLIT]).
-    if text_cache:
-      raise ValueError("config.text.cache_dir works with the shapes data only; clear it or "
-                       f"config.data.source={source!r}")
+    for key, cache in (("config.text.cache_dir", text_cache),
+                       ("config.vae.cache_dir", latent_cache)):
+      if cache:
+        raise ValueError(f"{key} works with the shapes data only; clear it or "
+                         f"config.data.source={source!r}")
     return pipeline.make_records_iterator(
         source=source,
         tfds_data_dir=str(config.data.get("tfds_data_dir", "") or "") or None,
@@ -179,6 +182,7 @@ def make_data_iterator(config, process_index, process_count, *, split="train", s
       caption_dropout=float(config.data.caption_dropout if caption_dropout is None
                             else caption_dropout),
       text_cache=text_cache,
+      latent_cache=latent_cache,
   )
 
 
