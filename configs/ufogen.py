@@ -57,6 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ufogen.recon = recon
   c.ufogen.finetune = finetune
   c.data.caption_dropout = 0.0  # the one-step generator runs without CFG
+  if size not in ("md512", "md256"):
+    # The shapes highres stage trains on a cached pool of records; this short finetune encodes
+    # its images in the step (config.vae.cache_dir works here too, with a matching pool).
+    c.data.num_records = 1_000_000
   # Evaluation: the one-step generator (1 trailing DDIM step from t = T-1 is exactly
   # x0 = convert(G(x_T, T-1, c))), no guidance.
   c.sample.num_steps = 1

@@ -2,8 +2,10 @@
 
 VAE -> light decoder distilled against the VAE's frozen encoder (paper sec. 3.5) -> low-resolution
 diffusion (64px) -> high-resolution diffusion (128px, initialised from the low-res run), both
-reading latents through that encoder and decoding with the light decoder -> 50-step DDIM
-samples for the evaluation prompts, judged -> UFOGen one-step finetune of the high-res run
+reading latents through that encoder (their training records encoded once, into
+WORKDIR/latents_lowres and WORKDIR/latents_highres) and decoding with the light decoder ->
+50-step DDIM samples for the evaluation prompts, judged -> UFOGen one-step finetune of the
+high-res run
 (paper sec. 4) -> one-step samples for the same prompts, judged -> the Android bundle of the
 one-step generator (TFLite fp16 + int8, checked) and one LiteRT pipeline run per precision, all
 printed and written to WORKDIR/quickstart.json. Each training stage is a normal workdir
@@ -36,6 +38,10 @@ _EXPORT = flags.DEFINE_bool(
     "LiteRT pipeline run per precision.")
 
 STAGES = ("vae", "light_decoder", "lowres", "highres", "ufogen")
+# Diffusion stages that read their training records' latents from a cache built once in
+# WORKDIR/latents_<stage> (records [0, config.data.num_records), each seen several times) instead
+# of running the frozen encoder in every step: see md_jax.tools.build_latent_cache.
+LATENT_CACHE_STAGES = ("lowres", "highres")
 LIGHT_STAGE = "light_decoder"  # the VAE every later stage reads latents through and decodes with
 EXPORT_SOURCE = "ufogen"  # the one-step generator is what the phone runs
 EXPORT_PRECISIONS = ("fp16", "int8")
@@ -117,9 +123,24 @@ def stage_config(workdir: str, stage: str, size: str):
       config.eval_at_end = False  # judged once, at the final resolution
     if stage == "highres":
       config.init_from = os.path.join(workdir, "lowres")
+    if stage in LATENT_CACHE_STAGES:
+      config.vae.cache_dir = os.path.join(workdir, f"latents_{stage}")
     if stage == "ufogen":
       config.init_from = os.path.join(workdir, "highres")  # VAE and text encoder come with it
   return config
+
+
+def ensure_latent_cache(config) -> None:
+  """Builds config.vae.cache_dir when the stage reads one and it is not there yet (an existing
+  cache is checked against the stage's VAE by the trainer before its first step)."""
+  from md_jax.data import latent_cache  # pylint: disable=g-import-not-at-top
+  from md_jax.tools import build_latent_cache  # pylint: disable=g-import-not-at-top
+  directory = str(config.vae.get("cache_dir", "") or "")
+  if not directory or os.path.exists(os.path.join(directory, latent_cache.MANIFEST)):
+    return
+  print(f"[quickstart] latent cache: encoding {config.data.num_records} records at "
+        f"{config.data.image_size}px into {directory}", flush=True)
+  build_latent_cache.build_for_config(config, directory, progress=bool(config.progress_bar))
 
 
 def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
@@ -135,6 +156,7 @@ def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
     logging.info("=== stage %s ===", stage)
     print(f"[quickstart] stage {stage}: {config.num_train_steps} steps, "
           f"batch {config.global_batch_size}, {config.data.image_size}px", flush=True)
+    ensure_latent_cache(config)  # its time counts as the stage's
     result = loop.train_and_evaluate(config, os.path.join(workdir, stage))
     timings[stage] = round(time.time() - t0, 1)
     results[stage] = result

@@ -62,6 +62,15 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
       assert cfg["vae"][key] == light_vae[key], (stage, key)
     if stage != "ufogen":
       assert cfg["vae_workdir"] == os.path.join(workdir, "light_decoder"), stage
+      # Both diffusion stages trained on latents encoded once into the workdir's cache (the
+      # trainer re-encoded a few records of it before its first step).
+      cache = os.path.join(workdir, f"latents_{stage}")
+      assert cfg["vae"]["cache_dir"] == cache, stage
+      with open(os.path.join(cache, "manifest.json")) as f:
+        manifest = json.load(f)
+      assert manifest["num_rows"] == cfg["data"]["num_records"] == 512, stage
+      assert manifest["image_size"] == cfg["data"]["image_size"], stage
+      assert f"latent cache: encoding 512 records at {cfg['data']['image_size']}px" in proc.stdout
   # The high-res stage started from the low-res one and from the VAE's latent statistics.
   assert "[quickstart] stage highres" in proc.stdout
   assert "[quickstart] stage ufogen: 20 steps" in proc.stdout
@@ -123,8 +132,10 @@ def test_rerun_resumes_instead_of_retraining(smoke_run):
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(os.path.join(workdir, "quickstart.json")) as f:
     summary = json.load(f)
-  # Nothing left to do: each finished stage reports its final.json instead of evaluating again.
+  # Nothing left to do: each finished stage reports its final.json instead of evaluating again,
+  # and the latent caches are reused.
   assert max(summary["seconds"].values()) < 60, summary["seconds"]
+  assert "latent cache: encoding" not in proc.stdout
   assert "eval/recon_psnr" in summary["vae"] and summary["eval"]["num_samples"] == 32
   # The bundle already holds the high-res run's last step: reused, not converted again.
   assert summary["export"]["export_seconds"] < 5, summary["export"]
@@ -201,6 +212,13 @@ def test_chain_resolutions_and_the_final_size_reconstruction_ceiling(size, low, 
   assert (cfg["lowres"].data.image_size, cfg["highres"].data.image_size) == (low, high)
   assert cfg["ufogen"].data.image_size == high
   assert cfg["highres"].init_from == "/tmp/qs/lowres"
+  # The diffusion stages read a pool of records through a latent cache in the workdir; the VAE
+  # stages and UFOGen do not.
+  for stage in quickstart.STAGES:
+    want = f"/tmp/qs/latents_{stage}" if stage in ("lowres", "highres") else ""
+    assert cfg[stage].vae.get("cache_dir", "") == want, stage
+  pools = {"full": (8192, 4096), "smoke": (512, 512)}[size]
+  assert (cfg["lowres"].data.num_records, cfg["highres"].data.num_records) == pools
   if size == "full":
     for stage in ("vae", quickstart.LIGHT_STAGE):
       assert high in tuple(cfg[stage].vae.judge_extra_sizes), stage

@@ -405,3 +405,26 @@ def test_sigkill_mid_finetune_then_resume_matches_uninterrupted(lora_run, pretra
   d0 = jax.tree.leaves(b["params"]["disc"]["conv_out"])
   assert all(np.any(np.asarray(x)) for x in d0), "D's zero head should have trained"
   assert _data_state(straight, steps) == _data_state(killed, steps)
+
+
+@pytest.mark.slow
+def test_gan_step_on_cached_latents_matches_the_encoder_in_step(pretrained, vae_workdir,
+                                                                tmp_path):
+  """With config.vae.cache_dir the GAN step draws its latents from the cached posteriors (the
+  encoder is not run): same records, same key, so the same losses as encoding the images."""
+  from md_jax.tools import build_latent_cache  # pylint: disable=g-import-not-at-top
+  cache = str(tmp_path / "latents")
+  build = _ufogen_config("diffusion,tiny", pretrained, **{"data.num_records": 24})
+  with build.unlocked():
+    build.vae_workdir = vae_workdir  # the VAE the pretrained run (init_from) read latents with
+  build_latent_cache.build_for_config(build, cache, batch_size=8)
+  plain = _train("diffusion,tiny", pretrained, str(tmp_path / "plain"), steps=1,
+                 **{"data.num_records": 24})
+  cached = _train("diffusion,tiny", pretrained, str(tmp_path / "cached"), steps=1,
+                  **{"data.num_records": 24, "vae.cache_dir": cache})
+  assert "image" in plain["batch"] and "image" not in cached["batch"]
+  assert cached["batch"]["latent_mean"].shape[1:] == (4, 4, 8)
+  a, b = plain["history"][0], cached["history"][0]
+  assert a["finite"] == b["finite"] == 1.0
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
