@@ -247,8 +247,9 @@ def make_shapes_iterator(*, split: str, image_size: int, global_batch_size: int,
   the empty prompt's for dropped ones. With `latent_cache` (a directory written by
   latent_cache.write_latent_cache for this split, data seed and image size, e.g. by
   md_jax.tools.build_latent_cache) batches carry latent_mean / latent_logvar = float32
-  (b, h, w, c), the frozen VAE's posterior of each image, instead of `image`. The iterator supports get_state()/set_state() and
-  grain.checkpoint.CheckpointSave/CheckpointRestore with orbax.
+  (b, h, w, c), the frozen VAE's posterior of each image, instead of `image`. The iterator
+  supports get_state()/set_state() and grain.checkpoint.CheckpointSave/CheckpointRestore with
+  orbax.
 
   Throughput knobs, none of which changes the data or its order:
   num_threads read threads (0 = render synchronously; the default 1 overlaps

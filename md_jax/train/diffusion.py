@@ -387,6 +387,9 @@ class DiffusionObjective(loop.Objective):
     if not directory:
       return
     cfg = self.config
+    if cfg.data.get("source", ""):
+      raise ValueError("config.vae.cache_dir works with the shapes data only; clear it or "
+                       f"config.data.source={cfg.data.source!r}")
     size = int(cfg.data.image_size)
     cache = latent_cache_lib.LatentCache(directory)
     cache.check(image_size=size, latent_shape=self.ld.latent_shape(size),
