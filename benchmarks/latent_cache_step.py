@@ -81,7 +81,8 @@ def main():
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    t = _median_time(lambda: compiled(state, batch), args.runs)  # pylint: disable=cell-var-from-loop
+    run = lambda c=compiled, b=batch: c(state, b)
+    t = _median_time(run, args.runs)
     results[name] = (compile_s, t, float(compiled(state, batch)[1]["loss"]))
   encode_s = _median_time(lambda: encode(vae, images), args.runs)
   size = int(config.data.image_size)

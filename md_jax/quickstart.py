@@ -5,12 +5,11 @@ diffusion (64px) -> high-resolution diffusion (128px, initialised from the low-r
 reading latents through that encoder (their training records encoded once, into
 WORKDIR/latents_lowres and WORKDIR/latents_highres) and decoding with the light decoder ->
 50-step DDIM samples for the evaluation prompts, judged -> UFOGen one-step finetune of the
-high-res run
-(paper sec. 4) -> one-step samples for the same prompts, judged -> the Android bundle of the
-one-step generator (TFLite fp16 + int8, checked) and one LiteRT pipeline run per precision, all
-printed and written to WORKDIR/quickstart.json. Each training stage is a normal workdir
-(WORKDIR/vae, WORKDIR/light_decoder, WORKDIR/lowres, WORKDIR/highres, WORKDIR/ufogen) that
-``python -m md_jax.main`` could run or resume on its own, and WORKDIR/bundle is what
+high-res run (paper sec. 4) -> one-step samples for the same prompts, judged -> the Android
+bundle of the one-step generator (TFLite fp16 + int8, checked) and one LiteRT pipeline run per
+precision, all printed and written to WORKDIR/quickstart.json. Each training stage is a normal
+workdir (WORKDIR/vae, WORKDIR/light_decoder, WORKDIR/lowres, WORKDIR/highres, WORKDIR/ufogen)
+that ``python -m md_jax.main`` could run or resume on its own, and WORKDIR/bundle is what
 ``python -m tflite_export.export --workdir=WORKDIR/ufogen`` writes; rerunning the quickstart
 resumes whatever is unfinished and re-exports only when the exported checkpoint changed.
 """

@@ -61,7 +61,8 @@ def write_latent_cache(directory: str, num_rows: int, *,
   rows_per_shard = max(batch_size, (rows_per_shard // batch_size) * batch_size)
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(directory))}.partial-{os.getpid()}")
+  name = os.path.basename(os.path.abspath(directory))
+  tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
 
