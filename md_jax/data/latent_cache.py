@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from md_jax.data import npy_shards
 
 FORMAT = "md_jax.vae_latents/1"
 MANIFEST = "manifest.json"
@@ -59,12 +60,7 @@ def write_latent_cache(directory: str, num_rows: int, *,
   if os.path.exists(os.path.join(directory, MANIFEST)) and not overwrite:
     raise FileExistsError(f"{directory} already holds a latent cache (pass overwrite=True)")
   rows_per_shard = max(batch_size, (rows_per_shard // batch_size) * batch_size)
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  name = os.path.basename(os.path.abspath(directory))
-  tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  tmp = npy_shards.partial_dir(directory)
 
   def run(start: int, stop: int) -> np.ndarray:
     x = np.asarray(images(start, stop), np.float32)
@@ -110,13 +106,11 @@ def write_latent_cache(directory: str, num_rows: int, *,
                   build_seconds=round(time.time() - t0, 2))
   with open(os.path.join(tmp, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1, default=str)
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
-  os.replace(tmp, directory)
+  npy_shards.publish(tmp, directory)
   return directory
 
 
-class LatentCache:
+class LatentCache(npy_shards.ShardedRows):
   """Reads a cache written by `write_latent_cache`; picklable (memory maps reopen lazily)."""
 
   def __init__(self, directory: str):
@@ -137,7 +131,6 @@ class LatentCache:
     for name in m["shards"]:
       if not os.path.isfile(os.path.join(directory, name)):
         raise FileNotFoundError(f"{os.path.join(directory, name)} (listed in {path}) not found")
-    self._maps: dict[str, np.ndarray] = {}
 
   @property
   def source(self) -> dict:
@@ -150,18 +143,6 @@ class LatentCache:
   def __len__(self) -> int:
     return self.num_rows
 
-  def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k != "_maps"}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._maps = {}
-
-  def _map(self, name: str) -> np.ndarray:
-    if name not in self._maps:
-      self._maps[name] = np.load(os.path.join(self.directory, name), mmap_mode="r")
-    return self._maps[name]
-
   def moments(self, indices) -> tuple[np.ndarray, np.ndarray]:
     """float32 (mean, logvar), each (n, h, w, c), for record indices (any order, repeats)."""
     idx = np.asarray(indices, np.int64).reshape(-1)
@@ -170,11 +151,7 @@ class LatentCache:
       raise LatentCacheError(f"record {bad} is outside the {self.num_rows} rows of the latent "
                              f"cache {self.directory} (rebuild it for more records)")
     h, w, c = self.latent_shape
-    out = np.empty((idx.size, h, w, 2 * c), np.float32)
-    shard_of = idx // self.rows_per_shard
-    for s in np.unique(shard_of):
-      sel = shard_of == s
-      out[sel] = self._map(self.manifest["shards"][int(s)])[idx[sel] - s * self.rows_per_shard]
+    out = self._gather(idx, (h, w, 2 * c))
     return out[..., :c], out[..., c:]
 
   def check(self, *, image_size: int | None = None, latent_shape=None,

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from md_jax.data import npy_shards
 
 FORMAT = "md_jax.text_embeddings/1"
 MANIFEST = "manifest.json"
@@ -61,11 +62,7 @@ def write_text_cache(directory: str, captions: Sequence[str], *, tokenize: Calla
   if os.path.exists(os.path.join(directory, MANIFEST)) and not overwrite:
     raise FileExistsError(f"{directory} already holds a text cache (pass overwrite=True)")
   rows_per_shard = max(batch_size, (rows_per_shard // batch_size) * batch_size)
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(directory))}.partial-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  tmp = npy_shards.partial_dir(directory)
 
   def run(ids: np.ndarray) -> np.ndarray:
     n = len(ids)
@@ -110,13 +107,11 @@ def write_text_cache(directory: str, captions: Sequence[str], *, tokenize: Calla
                   encoder=dict(encoder or {}), build_seconds=round(time.time() - t0, 2))
   with open(os.path.join(tmp, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1, default=str)
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
-  os.replace(tmp, directory)
+  npy_shards.publish(tmp, directory)
   return directory
 
 
-class TextEmbeddingCache:
+class TextEmbeddingCache(npy_shards.ShardedRows):
   """Reads a cache written by `write_text_cache`; picklable (memory maps reopen lazily)."""
 
   def __init__(self, directory: str):
@@ -137,7 +132,6 @@ class TextEmbeddingCache:
     for name in [*m["shards"], m["input_ids"], m["null"]]:
       if not os.path.isfile(os.path.join(directory, name)):
         raise FileNotFoundError(f"{os.path.join(directory, name)} (listed in {path}) not found")
-    self._maps: dict[str, np.ndarray] = {}
 
   @property
   def source(self) -> dict:
@@ -149,18 +143,6 @@ class TextEmbeddingCache:
 
   def __len__(self) -> int:
     return self.num_rows
-
-  def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k != "_maps"}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._maps = {}
-
-  def _map(self, name: str) -> np.ndarray:
-    if name not in self._maps:
-      self._maps[name] = np.load(os.path.join(self.directory, name), mmap_mode="r")
-    return self._maps[name]
 
   @property
   def null_embedding(self) -> np.ndarray:
@@ -181,12 +163,7 @@ class TextEmbeddingCache:
   def embeddings(self, indices) -> np.ndarray:
     """float32 (n, max_length, hidden) for record indices (any order, repeats allowed)."""
     idx = self._rows(indices)
-    out = np.empty((idx.size, self.max_length, self.hidden_size), np.float32)
-    shard_of = idx // self.rows_per_shard
-    for s in np.unique(shard_of):
-      sel = shard_of == s
-      out[sel] = self._map(self.manifest["shards"][int(s)])[idx[sel] - s * self.rows_per_shard]
-    return out
+    return self._gather(idx, (self.max_length, self.hidden_size))
 
   def check(self, *, max_length: int | None = None, hidden_size: int | None = None,
             num_records: int | None = None, **source) -> None:
