@@ -14,19 +14,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import MICRO_UNET, REPO, cli_env, tiny_config
+from conftest import MICRO_UNET, REPO, cli_env, run_module
 from md_jax import evaluate
-from md_jax.train import loop
+from md_jax.train import checkpoint as ckpt_lib
 
 ARGS = dict(sampler="dpmpp2m", num_steps=3, cfg_scales=[1.0, 3.0], num_samples=8, batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def run_dir(vae_workdir, tmp_path_factory):
+  """A tiny diffusion run trained and saved on 8 fake devices with its params split over an
+  fsdp axis of 2 (mesh data x fsdp = 4 x 2), so that every evaluation below (1 device; 2
+  processes x 4 devices) restores params saved on another mesh."""
   workdir = str(tmp_path_factory.mktemp("diffusion"))
-  config = tiny_config("lowres", vae_workdir=vae_workdir, num_train_steps=2, eval_at_end=False,
-                       **MICRO_UNET)
-  loop.train_and_evaluate(config, workdir)
+  flags = [f"--config.{k}={v!r}" for k, v in MICRO_UNET.items()]
+  run_module("md_jax.main", "--config=configs/shapes.py:lowres,tiny", f"--workdir={workdir}",
+             f"--config.vae_workdir={vae_workdir}", "--config.num_train_steps=2",
+             "--config.eval_at_end=False", "--config.progress_bar=False",
+             "--config.mesh_shape=(4,2,1)", *flags,
+             env=cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), check=True)
   return workdir
 
 
@@ -83,6 +89,11 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir, tmp_path):
   one = str(tmp_path / "one")
+  # The params were saved split over the fsdp axis of a 4 x 2 mesh (orbax's sharding record).
+  with open(os.path.join(ckpt_lib.checkpoint_dir(run_dir), "2", "state", "_sharding")) as f:
+    saved_specs = [json.loads(v) for v in json.load(f).values()]
+  assert any(s["shape"] == [4, 2, 1] and "fsdp" in json.dumps(s["partition_spec"])
+             for s in saved_specs)
   report = evaluate.evaluate(run_dir, clip_dir=clip_dir, out=one, progress=False, **ARGS)
   assert report["step"] == 2 and report["params"] == "ema_params"
   assert [r["cfg"] for r in report["results"]] == [1.0, 3.0]
