@@ -17,7 +17,10 @@ noise depends only on (seed, i), so the images do not depend on the device count
     every run) and ``fd_vae`` / ``kid_vae`` in the run's own VAE-encoder latent space;
   * ``fid`` against a statistics file (``--fid_stats``, made by md_jax.tools.fid_stats with the
     same ``--inception`` weights), e.g. FID-30K with the COCO-30K captions as ``--prompts``;
-  * ``clip_score``: the raw image-prompt cosine with the CLIP model in ``--clip_dir``.
+  * ``clip_score``: the raw image-prompt cosine with the CLIP model in ``--clip_dir``;
+  * on shapes runs, once per checkpoint (not per sample): ``caption_use`` (--caption_use), the
+    denoiser's error with true captions vs captions that lie about colour, shape or position
+    (md_jax/evaluators/caption_use.py): which parts of the prompt the model uses at all.
 
 Writes OUT/eval_<tag>.json, sample grids (OUT/grid_<tag>_cfg<s>.png), TensorBoard scalars and
 grids under OUT/tensorboard (OUT defaults to WORKDIR/eval), and with ``--sweep_cfg`` the FID-vs-CLIP
@@ -42,6 +45,7 @@ def _define_flags() -> None:
   a test or another tool) must not clash with md_jax.main's or md_jax.sample's flags."""
   global _CONFIG, _WORKDIR, _STEP, _SAMPLER, _STEPS, _CFG, _SWEEP, _NUM, _SEED, _BATCH
   global _PROMPTS, _FID_STATS, _INCEPTION, _CLIP_DIR, _OUT, _EMA, _PROGRESS, _DISTRIBUTED
+  global _CAPTION_USE
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None, "Optional config file (configs/*.py[:arg]); default: the one stored with the "
       "checkpoint. Its shapes must match the checkpoint.", lock_config=True)
@@ -64,6 +68,8 @@ def _define_flags() -> None:
   _CLIP_DIR = flags.DEFINE_string("clip_dir", None, "Hugging Face CLIPModel directory (CLIP score).")
   _OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval).")
   _EMA = flags.DEFINE_bool("ema", True, "Use EMA params when the checkpoint has them.")
+  _CAPTION_USE = flags.DEFINE_bool(
+      "caption_use", True, "Shapes runs: the caption-use gaps (md_jax.evaluators.caption_use).")
   _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars.")
   _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                    "jax.distributed.initialize() as md_jax.main does.")
@@ -137,7 +143,7 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
              batch_size: int | None = None, prompts_file: str | None = None,
              fid_stats: str | None = None, inception: str | None = None,
              clip_dir: str | None = None, out: str | None = None, use_ema: bool = True,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, caption_use: bool = True) -> dict[str, Any]:
   """Runs the evaluation; returns the report that is also written as JSON."""
   import jax  # pylint: disable=g-import-not-at-top
   from md_jax.evaluators import fid as fid_lib  # pylint: disable=g-import-not-at-top
@@ -200,6 +206,13 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
       spaces[name] = (fn, rf, fid_lib.FeatureStats(rf.shape[1]).update(rf).result())
 
   writer = loop._make_writer(out) if main_process else None  # pylint: disable=protected-access
+  uses = None
+  if shapes_run and caption_use:
+    from md_jax.evaluators import caption_use as caption_use_lib  # pylint: disable=g-import-not-at-top
+    uses = dict(caption_use_lib.run(ld, unet, frozen, mesh, image_size=image_size, seed=seed,
+                                    batch_size=batch_size, data_seed=int(config.data.seed)))
+    if main_process:
+      writer.write_scalars(step, {f"step{step}/{k}": v for k, v in uses.items()})
   results = []
   for scale in cfg_scales:
     timings: list = []
@@ -240,7 +253,7 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
                 seed=seed, num_samples=len(prompts), image_size=image_size,
                 params=getattr(ld, "restored_params", None),
                 devices=jax.device_count(), processes=jax.process_count(),
-                fid_stats=fid_stats, clip_dir=clip_dir,
+                fid_stats=fid_stats, clip_dir=clip_dir, caption_use=uses,
                 results=[{k: v for k, v in r.items() if k != "images"} for r in results])
   if main_process:
     if len(results) > 1:
@@ -299,13 +312,14 @@ def main(argv):
         num_steps=_STEPS.value, cfg_scales=sweep or ([_CFG.value] if _CFG.value is not None else None),
         num_samples=_NUM.value, seed=_SEED.value, batch_size=_BATCH.value,
         prompts_file=_PROMPTS.value, fid_stats=_FID_STATS.value, inception=_INCEPTION.value,
-        clip_dir=_CLIP_DIR.value, out=_OUT.value, use_ema=_EMA.value, progress=_PROGRESS.value)
+        clip_dir=_CLIP_DIR.value, out=_OUT.value, use_ema=_EMA.value, progress=_PROGRESS.value,
+        caption_use=_CAPTION_USE.value)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   report.pop("images", None)
   summary = {k: report.get(k) for k in ("step", "sampler", "num_steps", "num_samples", "json",
-                                        "curve")}
+                                        "curve", "caption_use")}
   summary["results"] = [{k: v for k, v in r.items() if k not in ("judge", "grid")} |
                         ({"judge_all": r["judge"]["all"]} if "judge" in r else {})
                         for r in report["results"]]

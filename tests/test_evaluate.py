@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import MICRO_UNET, REPO, cli_env, run_module
 from md_jax import evaluate
+from md_jax.evaluators import caption_use
 from md_jax.train import checkpoint as ckpt_lib
 
 ARGS = dict(sampler="dpmpp2m", num_steps=3, cfg_scales=[1.0, 3.0], num_samples=8, batch_size=8)
@@ -96,6 +97,10 @@ def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir,
              for s in saved_specs)
   report = evaluate.evaluate(run_dir, clip_dir=clip_dir, out=one, progress=False, **ARGS)
   assert report["step"] == 2 and report["params"] == "ema_params"
+  uses = report["caption_use"]
+  assert set(uses) == {f"caption_use/{k}/t{t}" for t in caption_use.DEFAULT_TIMESTEPS
+                       for k in ("mse", "colour_gap", "shape_gap", "position_gap", "empty_gap")}
+  assert all(np.isfinite(v) for v in uses.values())
   assert [r["cfg"] for r in report["results"]] == [1.0, 3.0]
   for r in report["results"]:
     assert np.isfinite(r["fd_vae"]) and r["fd_vae"] > 0 and np.isfinite(r["kid_vae"])
@@ -119,6 +124,8 @@ def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir,
       "--num_samples=8", "--batch_size=8", f"--clip_dir={clip_dir}", f"--out={eight}",
       "--noprogress", "--distributed=on")
   assert summaries[1]["json"] is None
+  for key, value in uses.items():  # the caption-use gaps do not depend on the device count
+    assert abs(summaries[0]["caption_use"][key] - value) <= 1e-4 * max(1.0, abs(value)), key
   for a, b in zip(*(s["results"] for s in summaries)):  # every process computed the metrics
     for key in ("fd_vae", "kid_vae", "fd_shapes", "clip_score"):
       assert a[key] == b[key], key
@@ -146,3 +153,58 @@ def test_evaluate_errors_are_named(tmp_path):
   assert evaluate.read_prompts(str(tmp_path / "p.json")) == ["a", "b"]
   (tmp_path / "p.txt").write_text("one\n\ntwo\n")
   assert evaluate.read_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
+
+
+def test_caption_use_gaps_are_zero_for_a_denoiser_that_ignores_the_caption(run_dir):
+  """The gaps measure the caption's effect on the denoiser: exactly 0 for one that never reads
+  it, non-zero for every attribute when it does."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from md_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+
+  config, ld, mesh, unet, frozen, _ = diffusion.load_for_sampling(run_dir)
+
+  class Denoiser:
+    """The run's LatentDiffusion with a stand-in denoiser that reads the caption or not."""
+
+    def __init__(self, reads):
+      self.reads = reads
+
+    def __getattr__(self, name):
+      return getattr(ld, name)
+
+    def unet_apply(self, params):
+      del params
+      def apply(x, t, ctx):
+        # (The text encoder's last LayerNorm makes every token's mean over features the same,
+        # so read one feature, weighted by token position.)
+        read = jnp.sum(ctx[..., 0] * (1.0 + jnp.arange(ctx.shape[1])), axis=1)
+        return 0.5 * x + self.reads * read[:, None, None, None]
+      return apply
+
+  kw = dict(image_size=int(config.data.image_size), num_records=16, timesteps=(300, 900),
+            batch_size=8)
+  ignoring = dict(caption_use.run(Denoiser(0.0), unet, frozen, mesh, **kw))
+  reading = dict(caption_use.run(Denoiser(1.0), unet, frozen, mesh, **kw))
+  gaps = [k for k in ignoring if "_gap" in k]
+  assert len(gaps) == 8 and len(ignoring) == 10  # 4 attributes and the error itself, 2 levels
+  for key in gaps:
+    assert ignoring[key] == 0.0 and reading[key] != 0.0, key
+  real = dict(caption_use.run(ld, unet, frozen, mesh, **kw))
+  assert real.keys() == ignoring.keys() and all(np.isfinite(v) for v in real.values())
+
+
+def test_swapped_captions_change_one_attribute():
+  swap = caption_use.swapped_captions
+  got = swap("a picture of an orange plus sign at the left edge",
+             dict(colour="orange", shape="cross", position="left"))
+  assert got == {"colour": "a picture of a red plus sign at the left edge",
+                 "shape": "a picture of an orange circle at the left edge",
+                 "position": "a picture of an orange plus sign at the right edge", "empty": ""}
+  got = swap("at the top right corner, a violet disc",
+             dict(colour="purple", shape="circle", position="top right"))
+  assert got["colour"] == "at the top right corner, an orange disc"
+  assert got["shape"] == "at the top right corner, a violet square"
+  assert got["position"] == "at the bottom left corner, a violet disc"
+  # The centre cell has no mirror image: left out of the position gap.
+  assert swap("a blue box in the middle", dict(colour="blue", shape="square",
+                                              position="center"))["position"] is None
