@@ -208,9 +208,9 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
   writer = loop._make_writer(out) if main_process else None  # pylint: disable=protected-access
   uses = None
   if shapes_run and caption_use:
-    from md_jax.evaluators import caption_use as caption_use_lib  # pylint: disable=g-import-not-at-top
-    uses = dict(caption_use_lib.run(ld, unet, frozen, mesh, image_size=image_size, seed=seed,
-                                    batch_size=batch_size, data_seed=int(config.data.seed)))
+    from md_jax.evaluators import caption_use as uses_lib  # pylint: disable=g-import-not-at-top
+    uses = dict(uses_lib.run(ld, unet, frozen, mesh, image_size=image_size, seed=seed,
+                             batch_size=batch_size, data_seed=int(config.data.seed)))
     if main_process:
       writer.write_scalars(step, {f"step{step}/{k}": v for k, v in uses.items()})
   results = []
