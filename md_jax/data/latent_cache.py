@@ -20,7 +20,6 @@ into place at the end, so a crashed build never leaves a cache that looks comple
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -30,7 +29,7 @@ import numpy as np
 from md_jax.data import npy_shards
 
 FORMAT = "md_jax.vae_latents/1"
-MANIFEST = "manifest.json"
+MANIFEST = npy_shards.MANIFEST
 DTYPES = ("float32", "float16")
 
 
@@ -104,9 +103,7 @@ def write_latent_cache(directory: str, num_rows: int, *,
                   latent_shape=[h, w, c2 // 2], dtype=dtype, rows_per_shard=rows_per_shard,
                   shards=names, source=dict(source), encoder=dict(encoder or {}),
                   build_seconds=round(time.time() - t0, 2))
-  with open(os.path.join(tmp, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1, default=str)
-  npy_shards.publish(tmp, directory)
+  npy_shards.publish(tmp, directory, manifest)
   return directory
 
 
@@ -115,22 +112,13 @@ class LatentCache(npy_shards.ShardedRows):
 
   def __init__(self, directory: str):
     self.directory = directory
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} not found: no latent cache in {directory} "
-                              "(build one with `python -m md_jax.tools.build_latent_cache`)")
-    with open(path) as f:
-      m = json.load(f)
-    if m.get("format") != FORMAT:
-      raise LatentCacheError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
+    m = npy_shards.read_manifest(directory, fmt=FORMAT, what="latent cache",
+                                 tool="md_jax.tools.build_latent_cache", error=LatentCacheError)
     self.manifest = m
     self.num_rows = int(m["num_rows"])
     self.image_size = int(m["image_size"])
     self.latent_shape = tuple(int(d) for d in m["latent_shape"])
     self.rows_per_shard = int(m["rows_per_shard"])
-    for name in m["shards"]:
-      if not os.path.isfile(os.path.join(directory, name)):
-        raise FileNotFoundError(f"{os.path.join(directory, name)} (listed in {path}) not found")
 
   @property
   def source(self) -> dict:

@@ -1,13 +1,17 @@
 """What the precomputed caches (text embeddings, VAE latents) share on disk: a directory built
-in a temporary sibling and renamed into place, and rows in memory-mapped .npy shards of
-`rows_per_shard` rows each, listed in the manifest's `shards`."""
+in a temporary sibling and renamed into place once its manifest is written, and rows in
+memory-mapped .npy shards of `rows_per_shard` rows each, listed in the manifest's `shards`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+MANIFEST = "manifest.json"
 
 
 def partial_dir(directory: str) -> str:
@@ -21,11 +25,33 @@ def partial_dir(directory: str) -> str:
   return tmp
 
 
-def publish(tmp: str, directory: str) -> None:
-  """Renames a finished `partial_dir` into place, so a crashed build never looks complete."""
+def publish(tmp: str, directory: str, manifest: Mapping[str, Any]) -> None:
+  """Writes the manifest into a finished `partial_dir` and renames it into place, so a crashed
+  build never looks complete."""
+  with open(os.path.join(tmp, MANIFEST), "w") as f:
+    json.dump(dict(manifest), f, indent=1, default=str)
   if os.path.exists(directory):
     shutil.rmtree(directory)
   os.replace(tmp, directory)
+
+
+def read_manifest(directory: str, *, fmt: str, what: str, tool: str, error: type,
+                  files: Sequence[str] = ()) -> dict:
+  """The manifest of a cache in `directory`, checked: it exists (else FileNotFoundError naming
+  `tool`, the builder), has format `fmt` (else `error`), and its shards and the manifest keys
+  in `files` name files that exist."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: no {what} in {directory} "
+                            f"(build one with `python -m {tool}`)")
+  with open(path) as f:
+    m = json.load(f)
+  if m.get("format") != fmt:
+    raise error(f"{path}: format {m.get('format')!r}, expected {fmt!r}")
+  for name in [*m["shards"], *(m[k] for k in files)]:
+    if not os.path.isfile(os.path.join(directory, name)):
+      raise FileNotFoundError(f"{os.path.join(directory, name)} (listed in {path}) not found")
+  return m
 
 
 class ShardedRows:
@@ -39,10 +65,6 @@ class ShardedRows:
 
   def __getstate__(self):
     return {k: v for k, v in self.__dict__.items() if k != "_maps"}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._maps = {}
 
   def _map(self, name: str) -> np.ndarray:
     maps = self.__dict__.setdefault("_maps", {})

@@ -20,7 +20,6 @@ into place at the end, so a crashed build never leaves a cache that looks comple
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -30,7 +29,7 @@ import numpy as np
 from md_jax.data import npy_shards
 
 FORMAT = "md_jax.text_embeddings/1"
-MANIFEST = "manifest.json"
+MANIFEST = npy_shards.MANIFEST
 IDS_FILE = "input_ids.npy"
 NULL_FILE = "null.npy"
 DTYPES = ("float32", "float16")
@@ -105,9 +104,7 @@ def write_text_cache(directory: str, captions: Sequence[str], *, tokenize: Calla
                   input_ids=IDS_FILE, null=NULL_FILE, null_input_ids=null_ids[0].tolist(),
                   source=dict(source),
                   encoder=dict(encoder or {}), build_seconds=round(time.time() - t0, 2))
-  with open(os.path.join(tmp, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1, default=str)
-  npy_shards.publish(tmp, directory)
+  npy_shards.publish(tmp, directory, manifest)
   return directory
 
 
@@ -116,22 +113,14 @@ class TextEmbeddingCache(npy_shards.ShardedRows):
 
   def __init__(self, directory: str):
     self.directory = directory
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} not found: no text-embedding cache in {directory} "
-                              "(build one with `python -m md_jax.tools.build_text_cache`)")
-    with open(path) as f:
-      m = json.load(f)
-    if m.get("format") != FORMAT:
-      raise TextCacheError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
+    m = npy_shards.read_manifest(directory, fmt=FORMAT, what="text-embedding cache",
+                                 tool="md_jax.tools.build_text_cache", error=TextCacheError,
+                                 files=("input_ids", "null"))
     self.manifest = m
     self.num_rows = int(m["num_rows"])
     self.max_length = int(m["max_length"])
     self.hidden_size = int(m["hidden_size"])
     self.rows_per_shard = int(m["rows_per_shard"])
-    for name in [*m["shards"], m["input_ids"], m["null"]]:
-      if not os.path.isfile(os.path.join(directory, name)):
-        raise FileNotFoundError(f"{os.path.join(directory, name)} (listed in {path}) not found")
 
   @property
   def source(self) -> dict:

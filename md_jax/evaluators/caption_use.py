@@ -69,8 +69,9 @@ def run(ld, unet_params, frozen, mesh, *, image_size: int, num_records: int = 12
         data_seed: int = 0) -> Iterator[tuple[str, float]]:
   """Yields (name, value): ``caption_use/mse/t<T>`` and ``caption_use/<attr>_gap/t<T>``.
 
-  ``ld`` is the run's LatentDiffusion (``train.diffusion.load_for_sampling``). Latent draws and
-  noise depend on (seed, T, batch index) only, so values do not depend on the device count.
+  ``ld`` is the run's LatentDiffusion (``train.diffusion.load_for_sampling``). Latent draws
+  depend on (seed, batch index) and noise on (seed, batch index, T) only, so values do not
+  depend on the device count.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -85,19 +86,20 @@ def run(ld, unet_params, frozen, mesh, *, image_size: int, num_records: int = 12
   swapped = [swapped_captions(r["caption"], r) for r in recs]
   for a in ATTRIBUTES:
     captions[a] = [s[a] for s in swapped]
-  apply = ld.unet_apply
   sched = ld.schedule
 
-  def errors(params, fz, images, ids, t, key):
-    z_key, n_key = jax.random.split(key)
-    z = ld.encode_images(fz, images, z_key)
+  def errors(params, z, context, t, key):
     tt = jnp.full((z.shape[0],), t, jnp.int32)
-    noise = jax.random.normal(n_key, z.shape, jnp.float32)
+    noise = jax.random.normal(key, z.shape, jnp.float32)
     x_t = sch.q_sample(sched, z, tt, noise)
-    pred = apply(params)(x_t, tt.astype(jnp.float32), ld.encode_text(fz, ids))
+    pred = ld.unet_apply(params)(x_t, tt.astype(jnp.float32), context)
     err = jnp.square(pred.astype(jnp.float32) - sch.target(sched, z, noise, tt))
     return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
+  # Each batch's latents and each caption variant's embeddings are computed once and shared by
+  # every noise level (the encoder costs more than the UNet's forward pass).
+  latents = jax.jit(ld.encode_images)
+  embed = jax.jit(ld.encode_text)
   fn = jax.jit(errors)
   img_sharding = shd.batch_sharding(mesh, 4)
   ids_sharding = shd.batch_sharding(mesh, 2)
@@ -106,12 +108,14 @@ def run(ld, unet_params, frozen, mesh, *, image_size: int, num_records: int = 12
     idx = list(range(start, min(start + batch_size, num_records)))
     pad = idx + [idx[-1]] * (batch_size - len(idx))
     images = np.stack([recs[i]["image"] for i in pad]).astype(np.float32) / 127.5 - 1.0
-    images = jax.device_put(images, img_sharding)
+    batch_key = jax.random.fold_in(jax.random.key(seed), b)
+    z = latents(frozen, jax.device_put(images, img_sharding), batch_key)
     for name, caps in captions.items():
       ids = jax.device_put(ld.tokenize([caps[i] or "" for i in pad]), ids_sharding)
+      context = embed(frozen, ids)
       for t in timesteps:
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), t), b)
-        e = samples.gather_to_host(fn(unet_params, frozen, images, ids, int(t), key))
+        key = jax.random.fold_in(batch_key, 1 + int(t))
+        e = samples.gather_to_host(fn(unet_params, z, context, int(t), key))
         per[name][t].extend(float(v) for v in e[:len(idx)])
   for t in timesteps:
     true = np.asarray(per["true"][t])
