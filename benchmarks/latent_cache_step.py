@@ -62,10 +62,12 @@ def main():
   obj = trainer.objective
   sh = trainer.frozen_shardings
   channels = int(config.vae.latent_channels)
-  text = jax.jit(obj.ld.text.init, out_shardings=sh["text"])(jax.random.key(int(config.text.seed)))
   vae = jax.jit(obj.ld.vae.init, out_shardings=sh["vae"])(jax.random.key(0))
-  obj.init_frozen = lambda _: dict(text=text, vae=vae, latent_shift=jnp.zeros((channels,)),
-                                   latent_scale=jnp.ones((channels,)))
+  frozen = dict(vae=vae, latent_shift=jnp.zeros((channels,)), latent_scale=jnp.ones((channels,)))
+  if "text" in sh:  # a frozen encoder (config.text.frozen=True); else it is a trained group
+    frozen["text"] = jax.jit(obj.ld.text.init, out_shardings=sh["text"])(
+        jax.random.key(int(config.text.seed)))
+  obj.init_frozen = lambda _: frozen
   state = trainer.init_state()
   local = obj.host_batch(next(obj.data_iterator(0, 1)))
   encode = jax.jit(lambda p, x: obj.ld.vae.bind(p).encode(x))

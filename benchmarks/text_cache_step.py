@@ -46,6 +46,7 @@ def main():
   with config.unlocked():
     config.global_batch_size = args.batch
     config.progress_bar = False
+    config.text.frozen = True  # a cache holds a frozen encoder's embeddings
     if args.text == "vit-l14":
       vit = te.default_config()
       for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

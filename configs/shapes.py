@@ -79,12 +79,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tfds_data_dir="",
   ))
 
-  # CLIP-architecture causal text transformer over the tiny shapes vocabulary. Frozen at its
-  # seeded random init, as the paper freezes CLIP: distinct words still give distinct, position-
-  # aware features the UNet's cross-attention learns to read, and freezing keeps embeddings
-  # cacheable exactly as with the real encoder. Measured: training it with the UNet (800 steps at
-  # 64 px) did not help the samples (judge without the sharpness check, colour / position: 50.4% /
-  # 2.7% trained, 54.7% / 6.2% frozen); what the UNet lacks early is where to put the object.
+  # CLIP-architecture causal text transformer over the tiny shapes vocabulary, trained with the
+  # UNet from its seeded init (the paper freezes a pretrained CLIP; a random frozen tower is no
+  # stand-in for one). Measured at 128 px, 600 steps from the same checkpoint, cfg 2: strict
+  # colour / shape / position 58.2 / 15.6 / 62.5% trained vs 40.2 / 10.9 / 19.1% frozen; the
+  # denoiser's error grows 2.5x more when the caption lies about colour or position (t = 900).
+  # A frozen random tower leaves each word's features where its random embedding put them, and
+  # the UNet's cross-attention learned to read the colour word and the end-of-text states only.
+  # frozen=True keeps it at the seeded init (and allows the text cache below).
   c.text = text_encoder.default_config()  # CLIP's field names; the sizes below shrink it
   c.text.update(dict(
       tokenizer_dir=_TOKENIZER_DIR,
@@ -95,10 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_attention_heads=4,
       max_position_embeddings=16,
       eos_token_id=-1,  # -1: read from the tokenizer
-      frozen=True,
+      frozen=False,
       seed=1234,
       # Precomputed caption embeddings (python -m md_jax.tools.build_text_cache): the train step
-      # then reads them instead of running the frozen encoder. "" = encode in the step.
+      # then reads them instead of running the frozen encoder (frozen=True runs only). "" =
+      # encode in the step.
       cache_dir="",
       # A Hugging Face CLIP directory (config.json + safetensors, e.g. a local copy of
       # openai/clip-vit-large-patch14): the frozen encoder's weights are read from it instead of
@@ -165,7 +168,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict(dict(
       num_steps=50,
-      guidance_scale=4.0,
+      # 2: on the quickstart's 128-px models lower guidance wins (strict colour, DDIM-50, 256
+      # samples): 26.6% at cfg 2 / 19.1% at 4 / 7.8% at 7 (frozen text encoder, 330 steps), 58.2% /
+      # 51.2% at cfg 2 / 4 (trained encoder, 600 steps); fd_shapes also lowest at 2.
+      guidance_scale=2.0,
       guidance_rescale=0.0,
       num_eval_samples=256,
       eval_seed=2024,

@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ufogen.recon = recon
   c.ufogen.finetune = finetune
   c.data.caption_dropout = 0.0  # the one-step generator runs without CFG
+  # G and D condition on the pretrained run's text encoder, frozen here whether that run kept it
+  # frozen or trained it (then it is read from that run's params).
+  c.text.frozen = True
   if size not in ("md512", "md256"):
     # The shapes highres stage trains on a cached pool of records; this short finetune encodes
     # its images in the step (config.vae.cache_dir works here too, with a matching pool).

@@ -227,7 +227,9 @@ def test_diffusion_stages_decode_with_a_light_decoder_run(vae_workdir, light_run
     z = vae_lib.sample_posterior(*encoder(batch["image"]), z_rng)
     z = (z - vae_stats["latent_shift"]) / scale
     context = batch.get("text_embedding")
-    if context is None:
+    if context is None and "text" in params:  # config.text.frozen=False: a trained encoder
+      context = ld.text_hidden(params["text"], batch["input_ids"])
+    elif context is None:
       context = ld.encode_text(frozen, batch["input_ids"])
     by_hand = losses.diffusion_loss(
         ld.schedule, ld.unet_apply(params["unet"]), z, context, d_rng,

@@ -27,7 +27,7 @@ def cached(tmp_path_factory):
   """A tiny lowres config and a cache of its first 24 training records (2 shards: 16 + 8)."""
   directory = str(tmp_path_factory.mktemp("text_cache") / "cache")
   config = tiny_config("lowres", **{"data.num_records": NUM_RECORDS, "data.caption_dropout": 0.5,
-                                    "text.cache_dir": directory})
+                                    "text.cache_dir": directory, "text.frozen": True})
   loop.setup_compilation_cache(config.compilation_cache_dir)
   builder.build_for_config(config, directory, batch_size=8, rows_per_shard=16)
   ld = diffusion.LatentDiffusion(config)
@@ -138,7 +138,7 @@ def test_cached_loss_equals_encoder_in_step(cached):
 def test_cache_from_other_encoder_is_refused(cached):
   config, directory, _, _ = cached
   other = tiny_config("lowres", **{"data.num_records": NUM_RECORDS, "text.cache_dir": directory,
-                                   "text.seed": 99})
+                                   "text.frozen": True, "text.seed": 99})
   mesh = shd.make_mesh(other.mesh_shape, other.mesh_axes)
   obj = diffusion.DiffusionObjective(other, mesh)
   params = jax.jit(obj.ld.text.init)(jax.random.key(99))

@@ -332,7 +332,7 @@ def _diffusion_trainer_with_text(text_dir, vae_workdir, tmp_path, **text):
     config.text.update(dict(hf_dir=text_dir, tokenizer_dir=text_dir, vocab_size=VOCAB,
                             hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=77,
-                            eos_token_id=EOS))
+                            eos_token_id=EOS, frozen=True))
     config.text.update(text)
     config.unet.context_dim = config.text.hidden_size
   return loop.Trainer(config, str(tmp_path))

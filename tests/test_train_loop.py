@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO, cli_env, run_module, sigkill_after_checkpoint, tiny_config
 from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import loop
+from md_jax.train import sharding as shd
 
 
 def _params(workdir, step=None):
@@ -78,19 +79,51 @@ def test_bad_config_value_names_the_key(tmp_path):
     loop.train_and_evaluate(config, str(tmp_path / "w"))
 
 
-@pytest.mark.parametrize("spec", ["shapes.py:lowres,tiny", "ufogen.py:tiny"])
-def test_a_trainable_text_encoder_is_refused_naming_the_key(spec, tmp_path):
-  """config.text.frozen says what the diffusion trainers do; False is refused, not ignored."""
+@pytest.mark.parametrize("key,value,match", [
+    ("text.cache_dir", "CACHE", r"config.text.cache_dir=.* config.text.frozen=False"),
+    ("text.hf_dir", "HF", r"config.text.hf_dir with config.text.frozen=False"),
+    ("trainer", "ufogen", r"config.text.frozen=False: UFOGen keeps"),
+])
+def test_what_cannot_train_the_text_encoder_is_refused_naming_the_key(key, value, match,
+                                                                      tmp_path):
+  """config.text.frozen=False trains the shapes encoder with the UNet; a text cache (frozen
+  embeddings), a pretrained HF encoder and UFOGen (which reads the pretrained run's encoder)
+  refuse it before any work instead of ignoring it."""
   from md_jax import config_loading  # pylint: disable=g-import-not-at-top
-  config = config_loading.load_config(f"configs/{spec}")
+  config = config_loading.load_config(
+      "configs/ufogen.py:tiny" if value == "ufogen" else "configs/shapes.py:lowres,tiny")
   with config.unlocked():
     config.compilation_cache_dir = os.environ["MD_JAX_COMPILATION_CACHE"]
     config.init_from = str(tmp_path / "pretrained")
     config.vae_workdir = str(tmp_path / "vae")
     config.text.frozen = False
-  with pytest.raises(ValueError, match=r"config.text.frozen=False"):
+    if value != "ufogen":
+      config.text[key.split(".")[1]] = str(tmp_path / value)
+  with pytest.raises(ValueError, match=match):
     loop.train_and_evaluate(config, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_trained_text_encoder_trains_and_is_what_sampling_reads(vae_workdir, tmp_path):
+  """The shapes default (config.text.frozen=False): the encoder is a trainable group with an EMA
+  copy, absent from the frozen part, it leaves its seeded init, and load_for_sampling hands the
+  EMA copy to sampling as frozen["text"]."""
+  from md_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  config = tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False, num_train_steps=2)
+  assert not config.text.frozen
+  workdir = str(tmp_path / "w")
+  obj = diffusion.DiffusionObjective(config, shd.make_mesh(config.mesh_shape, config.mesh_axes))
+  assert "text" in obj.trainable and "text" in obj.ema_groups()
+  assert "text" not in obj.frozen_spec()[0]
+  loop.train_and_evaluate(config, workdir)
+  _, ld, _, _, frozen, _ = diffusion.load_for_sampling(workdir)
+  got, _ = ckpt_lib.restore_subset(workdir, {"ema_params": {"text": ld.text.abstract_params}})
+  init = jax.jit(ld.text.init)(jax.random.key(int(config.text.seed)))
+  sampled = jax.tree.leaves(jax.device_get(frozen["text"]))
+  for s, e in zip(sampled, jax.tree.leaves(jax.device_get(got["ema_params"]["text"]))):
+    np.testing.assert_array_equal(s, e)
+  assert max(float(np.max(np.abs(s - np.asarray(i))))
+             for s, i in zip(sampled, jax.tree.leaves(init))) > 0
 
 
 # Every config file (with its stage args): a None default must still take a command-line value.

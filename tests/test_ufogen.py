@@ -11,6 +11,7 @@ import pytest
 from conftest import MICRO_UNET, set_keys, tiny_config
 from md_jax import config_loading
 from md_jax.diffusion import samplers
+from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import loop
 from md_jax.train import sharding as shd
 from md_jax.train import ufogen
@@ -83,6 +84,21 @@ def ema_trained(pretrained, tmp_path_factory):
   """The EMA-distillation variant with the encoder-only discriminator."""
   return _train("ema,tiny", pretrained, str(tmp_path_factory.mktemp("ufogen_ema")),
                 **{"ufogen.disc.encoder_only": True})
+
+
+def test_text_encoder_is_the_pretrained_runs_trained_copy_and_stays_frozen(pretrained, trained):
+  """The shapes diffusion stages train their text encoder (config.text.frozen=False, kept in the
+  run's params): UFOGen reads that run's EMA copy into its frozen part, not the seeded init, and
+  its steps never change it."""
+  ld = trained["trainer"].objective.ld
+  got, _ = ckpt_lib.restore_subset(pretrained, {"ema_params": {"text": ld.text.abstract_params}})
+  want = jax.tree.leaves(_host(got["ema_params"]["text"]))
+  init = jax.tree.leaves(_host(jax.jit(ld.text.init)(
+      jax.random.key(int(trained["trainer"].config.text.seed)))))
+  assert max(float(np.max(np.abs(w - i))) for w, i in zip(want, init)) > 0
+  for frozen in (trained["before"]["frozen"], trained["after"][-1]["frozen"]):
+    for w, g in zip(want, jax.tree.leaves(frozen["text"])):
+      np.testing.assert_array_equal(g, w)
 
 
 def test_config_arg_refuses_two_finetune_kinds():

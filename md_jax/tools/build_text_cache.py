@@ -45,6 +45,10 @@ def build_for_config(config, directory: str, *, split: str = "train", batch_size
   """Writes the text cache a diffusion run of `config` reads (see module docstring)."""
   from md_jax.train import diffusion  # pylint: disable=g-import-not-at-top
 
+  if diffusion.text_trained(config):
+    raise ValueError("config.text.frozen=False: the run trains its text encoder, so embeddings "
+                     "cached from its initial weights would be stale; a text cache serves "
+                     "config.text.frozen=True runs only")
   ld = diffusion.LatentDiffusion(config)
   if text_params is None:
     text_params = jax.jit(ld.text.init)(jax.random.key(int(config.text.seed)))

@@ -89,16 +89,24 @@ class LatentDiffusion:
     return np.asarray(pipeline.tokenize(self.tokenizer, list(prompts),
                                         int(self.config.data.max_length)), np.int32)
 
-  def frozen_spec(self):
+  def frozen_spec(self, with_text: bool = True):
+    """(abstract, logical) of the frozen arrays; ``with_text=False`` leaves the text encoder
+    out (a run that trains it keeps it in its params)."""
     stats_abs, stats_logical = vae_obj.latent_stats_spec(self.config)
-    abstract = dict(text=self.text.abstract_params, vae=self.vae.abstract_params, **stats_abs)
-    logical = dict(text=self.text.logical, vae=self.vae.logical, **stats_logical)
+    abstract = dict(vae=self.vae.abstract_params, **stats_abs)
+    logical = dict(vae=self.vae.logical, **stats_logical)
+    if with_text:
+      abstract["text"], logical["text"] = self.text.abstract_params, self.text.logical
     return abstract, logical
 
   # -- traced helpers --------------------------------------------------------------------------
+  def text_hidden(self, text_params, input_ids):
+    """The text encoder's last hidden states (the UNet's context), differentiable."""
+    hidden, _ = self.text.bind(text_params)(input_ids)
+    return hidden
+
   def encode_text(self, frozen, input_ids):
-    hidden, _ = self.text.bind(frozen["text"])(input_ids)
-    return jax.lax.stop_gradient(hidden)
+    return jax.lax.stop_gradient(self.text_hidden(frozen["text"], input_ids))
 
   def encode_images(self, frozen, images, rng):
     mean, logvar = self.vae.bind(frozen["vae"]).encode(images)
@@ -142,6 +150,15 @@ class LatentDiffusion:
     else:
       raise ValueError(f"unknown sampler {sampler!r}; expected one of {samplers.SAMPLERS}")
     return self.decode_latents(frozen, z)
+
+
+def text_trained(config) -> bool:
+  """Whether ``config`` (a ConfigDict, or a run's stored config as a dict) is a diffusion run
+  that trains its text encoder with the UNet (config.text.frozen=False). Such a run keeps the
+  encoder in its params (group "text", with an EMA copy), not in its frozen part; everything that
+  reads a run (sampling, evaluation, export, UFOGen) takes it from there."""
+  text = config.get("text") or {}
+  return config.get("trainer") == "diffusion" and not bool(text.get("frozen", True))
 
 
 def text_cache_dir(config) -> str:
@@ -232,7 +249,8 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
   ld = LatentDiffusion(config)
   rules = shd.rules_dict([tuple(r) for r in config.sharding_rules])
   unet_sh = shd.tree_shardings(ld.unet.abstract_params, ld.unet.logical, rules, mesh)
-  frozen_abs, frozen_logical = ld.frozen_spec()
+  trained_text = text_trained(config)
+  frozen_abs, frozen_logical = ld.frozen_spec(with_text=not trained_text)
   frozen_sh = shd.tree_shardings(frozen_abs, frozen_logical, rules, mesh)
   place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   unet_abs = jax.tree.map(place, ld.unet.abstract_params, unet_sh)
@@ -252,10 +270,17 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
     unet = jax.jit(lora.merge, out_shardings=unet_sh)(frozen.pop("unet"), factors["unet_lora"])
     ld.restored_params = which
     return config, ld, mesh, unet, frozen, step
+  group = {"unet": unet_abs}
+  if trained_text:  # the encoder trained with the UNet: from the same params (EMA) as the UNet
+    text_sh = shd.tree_shardings(ld.text.abstract_params, ld.text.logical, rules, mesh)
+    group["text"] = jax.tree.map(place, ld.text.abstract_params, text_sh)
   params, got, step, which = ckpt_lib.restore_preferring_ema(
-      workdir, {"unet": unet_abs}, {"frozen": frozen_abs}, step, use_ema=which == "ema_params")
+      workdir, group, {"frozen": frozen_abs}, step, use_ema=which == "ema_params")
   ld.restored_params = which
-  return config, ld, mesh, params["unet"], got["frozen"], step
+  frozen = dict(got["frozen"])
+  if trained_text:
+    frozen["text"] = params["text"]
+  return config, ld, mesh, params["unet"], frozen, step
 
 
 def restore_frozen_vae(cfg, vae_abs, stats_abs):
@@ -289,20 +314,38 @@ class DiffusionObjective(loop.Objective):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    if not bool(config.text.get("frozen", True)):
-      # The encoder sits in the frozen part of the state, is shared with every later stage and
-      # export, and the text cache is keyed by its weights; training it is not wired.
-      raise ValueError("config.text.frozen=False: the diffusion trainers keep the text encoder "
-                       "frozen (paper sec. 3.1; measured on shapes, training it with the UNet "
-                       "did not help); set --config.text.frozen=True")
+    self.train_text = text_trained(config)
+    if self.train_text and text_cache_dir(config):
+      raise ValueError(f"config.text.cache_dir={text_cache_dir(config)!r} holds a frozen "
+                       "encoder's embeddings, but config.text.frozen=False trains the encoder: "
+                       "clear config.text.cache_dir or set config.text.frozen=True")
+    if self.train_text and str(config.text.get("hf_dir", "") or ""):
+      raise ValueError("config.text.hf_dir with config.text.frozen=False: a pretrained CLIP text "
+                       "encoder stays frozen (paper sec. 3.1); only the seeded encoder trains")
     self.ld = LatentDiffusion(config)
 
   @property
   def trainable(self):
+    if self.train_text:
+      return {"unet": self.ld.unet, "text": self.ld.text}
     return {"unet": self.ld.unet}
 
+  def init_params(self, rng):
+    params = super().init_params(rng)
+    if self.train_text:  # the same seeded start as a frozen encoder's (config.text.seed)
+      params["text"] = self.ld.text.init(jax.random.key(int(self.config.text.seed)))
+    return params
+
   def frozen_spec(self):
-    return self.ld.frozen_spec()
+    return self.ld.frozen_spec(with_text=not self.train_text)
+
+  def sampling_frozen(self, state):
+    """The frozen arrays sampling needs: the state's, plus the text encoder being trained
+    (EMA when kept) when this run trains it."""
+    if not self.train_text:
+      return state["frozen"]
+    src = state["ema_params"] if state.get("ema_params") is not None else state["params"]
+    return dict(state["frozen"], text=src["text"])
 
   def init_frozen(self, shardings):
     cfg = self.config
@@ -314,6 +357,10 @@ class DiffusionObjective(loop.Objective):
     vae_params, stats, _ = restore_frozen_vae(cfg, vae_abs, stats_abs)
     got = {"frozen": stats}
     self.verify_latent_cache(vae_params)
+    frozen = dict(vae=vae_params, latent_shift=got["frozen"]["latent_shift"],
+                  latent_scale=got["frozen"]["latent_scale"])
+    if self.train_text:  # the encoder is a trainable group (init_params)
+      return frozen
     hf_dir = str(cfg.text.get("hf_dir", "") or "")
     if hf_dir:
       text_params = jax.device_put(load_hf_text_params(cfg, hf_dir), shardings["text"])
@@ -323,8 +370,7 @@ class DiffusionObjective(loop.Objective):
                             compiler_options=state_lib.init_compiler_options())(
           jax.random.key(int(cfg.text.seed)))
     self.verify_text_cache(text_params)
-    return dict(text=text_params, vae=vae_params, latent_shift=got["frozen"]["latent_shift"],
-                latent_scale=got["frozen"]["latent_scale"])
+    return dict(frozen, text=text_params)
 
   def load_init_from(self, abstract):
     cfg = self.config
@@ -418,6 +464,8 @@ class DiffusionObjective(loop.Objective):
     z = self.batch_latents(frozen, batch, z_rng)
     if "text_embedding" in batch:
       context = jax.lax.stop_gradient(batch["text_embedding"])
+    elif self.train_text:
+      context = ld.text_hidden(params["text"], batch["input_ids"])
     else:
       context = ld.encode_text(frozen, batch["input_ids"])
     loss, aux = losses.diffusion_loss(
@@ -439,8 +487,8 @@ class DiffusionObjective(loop.Objective):
     prompts_attrs = shapes.eval_prompts(int(cfg.sample.num_eval_samples), int(cfg.sample.eval_seed))
     prompts = [p for p, _ in prompts_attrs]
     held = [bool(a.get("held_out", False)) for _, a in prompts_attrs]
-    images = generate(self.ld, self.mesh, self.eval_unet_params(state), state["frozen"],
-                      prompts, seed=int(cfg.sample.eval_seed), image_size=int(cfg.data.image_size),
+    images = generate(self.ld, self.mesh, self.eval_unet_params(state),
+                      self.sampling_frozen(state), prompts, seed=int(cfg.sample.eval_seed), image_size=int(cfg.data.image_size),
                       num_steps=int(cfg.sample.num_steps),
                       guidance_scale=float(cfg.sample.guidance_scale),
                       guidance_rescale=float(cfg.sample.guidance_rescale),

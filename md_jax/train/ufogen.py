@@ -128,6 +128,10 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
+    if not bool(config.text.get("frozen", True)):
+      raise ValueError("config.text.frozen=False: UFOGen keeps the pretrained run's text encoder "
+                       "frozen (paper sec. 4; trained or not, it is read from config.init_from); "
+                       "set --config.text.frozen=True")
     self.u = config.ufogen
     _check_config(config)
     self.disc = disc_spec(config)
@@ -220,9 +224,20 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     want = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, {k: shardings[k] for k in abstract})
     self._require_decoder_shape_of_init_from()
-    got, step = ckpt_lib.restore_subset(self.config.init_from, {"frozen": want})
-    frozen = dict(got["frozen"])
-    logging.info("text encoder, VAE and latent stats from %s step %d", self.config.init_from, step)
+    init_from = self.config.init_from
+    if diff_obj.text_trained(ckpt_lib.read_config_json(init_from) or {}):
+      # The pretrained run trained its text encoder: it is in that run's params (its EMA when
+      # kept), the same copy its samples used; here it is frozen like the VAE.
+      rest = {k: v for k, v in want.items() if k != "text"}
+      text, got, step, which = ckpt_lib.restore_preferring_ema(
+          init_from, {"text": want["text"]}, {"frozen": rest})
+      frozen = dict(got["frozen"], text=text["text"])
+      logging.info("text encoder (trained, %s), VAE and latent stats from %s step %d", which,
+                   init_from, step)
+    else:
+      got, step = ckpt_lib.restore_subset(init_from, {"frozen": want})
+      frozen = dict(got["frozen"])
+      logging.info("text encoder, VAE and latent stats from %s step %d", init_from, step)
     self.verify_text_cache(frozen["text"])
     self.verify_latent_cache(frozen["vae"])
     if self.uses_teacher:
