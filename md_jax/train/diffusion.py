@@ -488,7 +488,8 @@ class DiffusionObjective(loop.Objective):
     prompts = [p for p, _ in prompts_attrs]
     held = [bool(a.get("held_out", False)) for _, a in prompts_attrs]
     images = generate(self.ld, self.mesh, self.eval_unet_params(state),
-                      self.sampling_frozen(state), prompts, seed=int(cfg.sample.eval_seed), image_size=int(cfg.data.image_size),
+                      self.sampling_frozen(state), prompts, seed=int(cfg.sample.eval_seed),
+                      image_size=int(cfg.data.image_size),
                       num_steps=int(cfg.sample.num_steps),
                       guidance_scale=float(cfg.sample.guidance_scale),
                       guidance_rescale=float(cfg.sample.guidance_rescale),
