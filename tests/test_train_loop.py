@@ -105,12 +105,12 @@ def test_what_cannot_train_the_text_encoder_is_refused_naming_the_key(key, value
 
 
 def test_a_trained_text_encoder_trains_and_is_what_sampling_reads(vae_workdir, tmp_path):
-  """The shapes default (config.text.frozen=False): the encoder is a trainable group with an EMA
+  """config.text.frozen=False: the encoder is a trainable group with an EMA
   copy, absent from the frozen part, it leaves its seeded init, and load_for_sampling hands the
   EMA copy to sampling as frozen["text"]."""
   from md_jax.train import diffusion  # pylint: disable=g-import-not-at-top
-  config = tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False, num_train_steps=2)
-  assert not config.text.frozen
+  config = tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False, num_train_steps=2,
+                       **{"text.frozen": False})
   workdir = str(tmp_path / "w")
   obj = diffusion.DiffusionObjective(config, shd.make_mesh(config.mesh_shape, config.mesh_axes))
   assert "text" in obj.trainable and "text" in obj.ema_groups()

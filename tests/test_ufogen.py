@@ -42,8 +42,9 @@ def _ufogen_config(arg: str, init_from: str, **overrides):
 def pretrained(vae_workdir, tmp_path_factory):
   """A tiny pretrained diffusion run (lowres, two steps) that UFOGen finetunes."""
   workdir = str(tmp_path_factory.mktemp("diffusion"))
+  # Its text encoder trains (config.text.frozen=False): UFOGen must read it from the run's params.
   config = tiny_config("lowres", vae_workdir=vae_workdir, num_train_steps=2, eval_at_end=False,
-                       **MICRO_UNET)
+                       **MICRO_UNET, **{"text.frozen": False})
   loop.train_and_evaluate(config, workdir)
   return workdir
 
@@ -87,9 +88,9 @@ def ema_trained(pretrained, tmp_path_factory):
 
 
 def test_text_encoder_is_the_pretrained_runs_trained_copy_and_stays_frozen(pretrained, trained):
-  """The shapes diffusion stages train their text encoder (config.text.frozen=False, kept in the
-  run's params): UFOGen reads that run's EMA copy into its frozen part, not the seeded init, and
-  its steps never change it."""
+  """A pretrained run that trained its text encoder (config.text.frozen=False) keeps it in its
+  params: UFOGen reads that run's EMA copy into its frozen part, not the seeded init, and its
+  steps never change it."""
   ld = trained["trainer"].objective.ld
   got, _ = ckpt_lib.restore_subset(pretrained, {"ema_params": {"text": ld.text.abstract_params}})
   want = jax.tree.leaves(_host(got["ema_params"]["text"]))
