@@ -161,6 +161,11 @@ def text_trained(config) -> bool:
   return config.get("trainer") == "diffusion" and not bool(text.get("frozen", True))
 
 
+def eval_params(state) -> dict:
+  """The trainable params evaluation uses: the EMA copy when the run keeps one."""
+  return state["ema_params"] if state.get("ema_params") is not None else state["params"]
+
+
 def text_cache_dir(config) -> str:
   """config.text.cache_dir: precomputed caption embeddings (md_jax.tools.build_text_cache)."""
   return str(config.text.get("cache_dir", "") or "")
@@ -344,8 +349,7 @@ class DiffusionObjective(loop.Objective):
     (EMA when kept) when this run trains it."""
     if not self.train_text:
       return state["frozen"]
-    src = state["ema_params"] if state.get("ema_params") is not None else state["params"]
-    return dict(state["frozen"], text=src["text"])
+    return dict(state["frozen"], text=eval_params(state)["text"])
 
   def init_frozen(self, shardings):
     cfg = self.config
@@ -476,8 +480,7 @@ class DiffusionObjective(loop.Objective):
 
   def eval_unet_params(self, state):
     """The UNet params evaluation samples with (EMA when kept)."""
-    params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
-    return params["unet"]
+    return eval_params(state)["unet"]
 
   def evaluate(self, state, *, step, workdir, writer, final):
     """50-step DDIM samples for the evaluation prompts, judged; grid PNG + JSON."""

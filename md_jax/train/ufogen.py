@@ -158,7 +158,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     return self.lora.merge(frozen["unet"], params["unet_lora"])
 
   def eval_unet_params(self, state):
-    use = state["ema_params"] if state.get("ema_params") is not None else state["params"]
+    use = diff_obj.eval_params(state)
     if self.lora is None:
       return use["unet"]
     return jax.jit(self.lora.merge)(state["frozen"]["unet"], use["unet_lora"])
