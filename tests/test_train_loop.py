@@ -126,6 +126,43 @@ def test_a_trained_text_encoder_trains_and_is_what_sampling_reads(vae_workdir, t
              for s, i in zip(sampled, jax.tree.leaves(init))) > 0
 
 
+def _leaves_equal(a, b) -> bool:
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(a)),
+                                                  jax.tree.leaves(jax.device_get(b))))
+
+
+def test_a_stage_continues_the_text_encoder_of_the_run_it_starts_from(vae_workdir, tmp_path):
+  """init_from carries the text encoder the earlier run's UNet was trained with, whether that
+  run or this stage trains it: frozen here after a run that trained it (not a fresh seeded
+  encoder), and trainable here from a run that kept it frozen (its encoder, not this config's
+  seed)."""
+  from md_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  low = str(tmp_path / "low")
+  loop.train_and_evaluate(tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False,
+                                      num_train_steps=2, **{"text.frozen": False}), low)
+  _, ld, _, _, low_frozen, _ = diffusion.load_for_sampling(low)
+  high = str(tmp_path / "high")
+  loop.train_and_evaluate(tiny_config("highres", vae_workdir=vae_workdir, eval_at_end=False,
+                                      num_train_steps=1, init_from=low), high)
+  _, _, _, _, high_frozen, _ = diffusion.load_for_sampling(high)
+  assert _leaves_equal(high_frozen["text"], low_frozen["text"])
+  seeded = jax.jit(ld.text.init)(jax.random.key(1234))
+  assert not _leaves_equal(high_frozen["text"], seeded)
+
+  # The other way: a frozen encoder (seed 7) -> a stage that trains it (its own seed 1234).
+  low2 = str(tmp_path / "low2")
+  loop.train_and_evaluate(tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False,
+                                      num_train_steps=1, **{"text.seed": 7}), low2)
+  got, _ = ckpt_lib.restore_subset(low2, {"frozen": {"text": ld.text.abstract_params}})
+  high2 = str(tmp_path / "high2")
+  loop.train_and_evaluate(tiny_config("highres", vae_workdir=vae_workdir, eval_at_end=False,
+                                      num_train_steps=1, init_from=low2,
+                                      **{"text.frozen": False, "optim.learning_rate": 0.0}),
+                          high2)
+  start, _ = ckpt_lib.restore_subset(high2, {"params": {"text": ld.text.abstract_params}})
+  assert _leaves_equal(start["params"]["text"], got["frozen"]["text"])
+
+
 # Every config file (with its stage args): a None default must still take a command-line value.
 _CONFIG_SPECS = ("shapes.py:vae", "shapes.py:light_decoder", "shapes.py:lowres",
                  "shapes.py:highres", "shapes_relu.py", "ufogen.py", "ufogen.py:md512",

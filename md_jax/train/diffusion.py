@@ -166,6 +166,19 @@ def eval_params(state) -> dict:
   return state["ema_params"] if state.get("ema_params") is not None else state["params"]
 
 
+def restore_run_text_encoder(workdir: str, text_abs, step: int | None = None,
+                             use_ema: bool = True) -> tuple[dict, str]:
+  """The text encoder another run's UNet was trained with: its trained copy (the EMA when kept
+  and ``use_ema``) when that run trained it (its config's text.frozen=False), else its frozen
+  one. Returns (params placed like ``text_abs``, where it was read, e.g. "ema_params.text")."""
+  if text_trained(ckpt_lib.read_config_json(workdir, step) or {}):
+    got, _, _, which = ckpt_lib.restore_preferring_ema(workdir, {"text": text_abs}, step=step,
+                                                       use_ema=use_ema)
+    return got["text"], f"{which}.text"
+  got, _ = ckpt_lib.restore_subset(workdir, {"frozen": {"text": text_abs}}, step)
+  return got["frozen"]["text"], "frozen.text"
+
+
 def text_cache_dir(config) -> str:
   """config.text.cache_dir: precomputed caption embeddings (md_jax.tools.build_text_cache)."""
   return str(config.text.get("cache_dir", "") or "")
@@ -369,6 +382,13 @@ class DiffusionObjective(loop.Objective):
     if hf_dir:
       text_params = jax.device_put(load_hf_text_params(cfg, hf_dir), shardings["text"])
       logging.info("text encoder from %s", hf_dir)
+    elif cfg.init_from:
+      # The encoder the initialising run's UNet was trained with (trained there or not): a
+      # fresh seeded one would hand this stage's UNet features it has never seen.
+      text_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              self.ld.text.abstract_params, shardings["text"])
+      text_params, where = restore_run_text_encoder(cfg.init_from, text_abs)
+      logging.info("text encoder (frozen here) from %s.%s", cfg.init_from, where)
     else:
       text_params = jax.jit(self.ld.text.init, out_shardings=shardings["text"],
                             compiler_options=state_lib.init_compiler_options())(
@@ -380,13 +400,22 @@ class DiffusionObjective(loop.Objective):
     cfg = self.config
     if not cfg.init_from:
       return None
-    want = {"params": abstract["params"]}
+    # A trainable text encoder starts from the one the initialising run's UNet was trained with:
+    # that run's params (and EMA) when it trained it too, else its frozen part.
+    from_frozen = self.train_text and not text_trained(
+        ckpt_lib.read_config_json(cfg.init_from) or {})
+    strip = lambda tree: {k: v for k, v in tree.items() if not (from_frozen and k == "text")}
+    want = {"params": strip(abstract["params"])}
     if abstract.get("ema_params") is not None:
-      want["ema_params"] = abstract["ema_params"]
+      want["ema_params"] = strip(abstract["ema_params"])
     try:
       got, step = ckpt_lib.restore_subset(cfg.init_from, want)
     except ckpt_lib.MissingStateError:  # the earlier stage kept no EMA: start EMA from params
-      got, step = ckpt_lib.restore_subset(cfg.init_from, {"params": abstract["params"]})
+      got, step = ckpt_lib.restore_subset(cfg.init_from, {"params": want["params"]})
+    if from_frozen:
+      text, where = restore_run_text_encoder(cfg.init_from, abstract["params"]["text"])
+      got["params"] = dict(got["params"], text=text)  # the loop starts its EMA from params
+      logging.info("trainable text encoder initialised from %s.%s", cfg.init_from, where)
     logging.info("initialised from %s step %d", cfg.init_from, step)
     return got
 

@@ -225,19 +225,14 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
                         abstract, {k: shardings[k] for k in abstract})
     self._require_decoder_shape_of_init_from()
     init_from = self.config.init_from
-    if diff_obj.text_trained(ckpt_lib.read_config_json(init_from) or {}):
-      # The pretrained run trained its text encoder: it is in that run's params (its EMA when
-      # kept), the same copy its samples used; here it is frozen like the VAE.
-      rest = {k: v for k, v in want.items() if k != "text"}
-      text, got, step, which = ckpt_lib.restore_preferring_ema(
-          init_from, {"text": want["text"]}, {"frozen": rest})
-      frozen = dict(got["frozen"], text=text["text"])
-      logging.info("text encoder (trained, %s), VAE and latent stats from %s step %d", which,
-                   init_from, step)
-    else:
-      got, step = ckpt_lib.restore_subset(init_from, {"frozen": want})
-      frozen = dict(got["frozen"])
-      logging.info("text encoder, VAE and latent stats from %s step %d", init_from, step)
+    # The text encoder the pretrained UNet was trained with (from its params when that run
+    # trained it), frozen here like the VAE.
+    rest = {k: v for k, v in want.items() if k != "text"}
+    got, step = ckpt_lib.restore_subset(init_from, {"frozen": rest})
+    text, where = diff_obj.restore_run_text_encoder(init_from, want["text"])
+    frozen = dict(got["frozen"], text=text)
+    logging.info("text encoder (%s), VAE and latent stats from %s step %d", where, init_from,
+                 step)
     self.verify_text_cache(frozen["text"])
     self.verify_latent_cache(frozen["vae"])
     if self.uses_teacher:
