@@ -92,7 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # frozen flag and seed say.
   c.text = text_encoder.default_config()  # CLIP's field names; the sizes below shrink it
   c.text.update(dict(
-      tokenizer_dir=_TOKENIZER_DIR,
+      # "" = the shapes tokenizer packaged with md_jax (md_jax/assets/shapes_tokenizer); a path
+      # here is stored in every checkpoint's config, where another machine may not have it.
+      tokenizer_dir="",
       vocab_size=_vocab_size(),
       hidden_size=64,
       intermediate_size=256,

@@ -193,3 +193,14 @@ def test_tokenizer_regenerates_identically(tmp_path):
   assert sorted(os.listdir(packaged)) == names
   for name in names:
     assert filecmp.cmp(tmp_path / name, os.path.join(packaged, name), shallow=False), name
+
+
+def test_a_moved_packaged_tokenizer_path_loads_the_packaged_one_and_a_missing_one_is_named(
+    tmp_path):
+  """A checkpoint's config may name another checkout's packaged tokenizer (an absolute path);
+  that path loads the packaged tokenizer here, and any other missing directory fails naming the
+  config keys instead of a hub lookup error."""
+  moved = str(tmp_path / "other_checkout" / "md_jax" / "assets" / "shapes_tokenizer")
+  assert pipeline.load_tokenizer(moved).get_vocab() == pipeline.load_tokenizer().get_vocab()
+  with pytest.raises(FileNotFoundError, match=r"my_clip does not exist \(config.text.tokenizer_dir"):
+    pipeline.load_tokenizer(str(tmp_path / "my_clip"))
