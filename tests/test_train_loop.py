@@ -104,10 +104,12 @@ def test_what_cannot_train_the_text_encoder_is_refused_naming_the_key(key, value
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_a_trained_text_encoder_trains_and_is_what_sampling_reads(vae_workdir, tmp_path):
+def test_a_trained_text_encoder_trains_and_is_what_sampling_and_the_next_stage_read(
+    vae_workdir, tmp_path):
   """config.text.frozen=False: the encoder is a trainable group with an EMA
   copy, absent from the frozen part, it leaves its seeded init, and load_for_sampling hands the
-  EMA copy to sampling as frozen["text"]."""
+  EMA copy to sampling as frozen["text"]; a stage initialised from the run continues that copy,
+  frozen or trained there."""
   from md_jax.train import diffusion  # pylint: disable=g-import-not-at-top
   config = tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False, num_train_steps=2,
                        **{"text.frozen": False})
@@ -125,42 +127,27 @@ def test_a_trained_text_encoder_trains_and_is_what_sampling_reads(vae_workdir, t
   assert max(float(np.max(np.abs(s - np.asarray(i))))
              for s, i in zip(sampled, jax.tree.leaves(init))) > 0
 
+  # A next stage (init_from) continues the encoder this run's UNet was trained with, whichever
+  # side trains it. Frozen there: this run's trained (EMA) copy, not a fresh seeded encoder.
+  high = str(tmp_path / "high")
+  loop.train_and_evaluate(tiny_config("highres", vae_workdir=vae_workdir, eval_at_end=False,
+                                      num_train_steps=1, init_from=workdir), high)
+  _, _, _, _, high_frozen, _ = diffusion.load_for_sampling(high)
+  assert _leaves_equal(high_frozen["text"], frozen["text"])
+  # Trained again after that frozen stage (its own seed differs; lr 0 keeps the start): it starts
+  # from the frozen stage's encoder, not from its seed.
+  again = str(tmp_path / "again")
+  loop.train_and_evaluate(tiny_config("highres", vae_workdir=vae_workdir, eval_at_end=False,
+                                      num_train_steps=1, init_from=high,
+                                      **{"text.frozen": False, "text.seed": 7,
+                                         "optim.learning_rate": 0.0}), again)
+  start, _ = ckpt_lib.restore_subset(again, {"params": {"text": ld.text.abstract_params}})
+  assert _leaves_equal(start["params"]["text"], frozen["text"])
+
 
 def _leaves_equal(a, b) -> bool:
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(a)),
                                                   jax.tree.leaves(jax.device_get(b))))
-
-
-def test_a_stage_continues_the_text_encoder_of_the_run_it_starts_from(vae_workdir, tmp_path):
-  """init_from carries the text encoder the earlier run's UNet was trained with, whether that
-  run or this stage trains it: frozen here after a run that trained it (not a fresh seeded
-  encoder), and trainable here from a run that kept it frozen (its encoder, not this config's
-  seed)."""
-  from md_jax.train import diffusion  # pylint: disable=g-import-not-at-top
-  low = str(tmp_path / "low")
-  loop.train_and_evaluate(tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False,
-                                      num_train_steps=2, **{"text.frozen": False}), low)
-  _, ld, _, _, low_frozen, _ = diffusion.load_for_sampling(low)
-  high = str(tmp_path / "high")
-  loop.train_and_evaluate(tiny_config("highres", vae_workdir=vae_workdir, eval_at_end=False,
-                                      num_train_steps=1, init_from=low), high)
-  _, _, _, _, high_frozen, _ = diffusion.load_for_sampling(high)
-  assert _leaves_equal(high_frozen["text"], low_frozen["text"])
-  seeded = jax.jit(ld.text.init)(jax.random.key(1234))
-  assert not _leaves_equal(high_frozen["text"], seeded)
-
-  # The other way: a frozen encoder (seed 7) -> a stage that trains it (its own seed 1234).
-  low2 = str(tmp_path / "low2")
-  loop.train_and_evaluate(tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False,
-                                      num_train_steps=1, **{"text.seed": 7}), low2)
-  got, _ = ckpt_lib.restore_subset(low2, {"frozen": {"text": ld.text.abstract_params}})
-  high2 = str(tmp_path / "high2")
-  loop.train_and_evaluate(tiny_config("highres", vae_workdir=vae_workdir, eval_at_end=False,
-                                      num_train_steps=1, init_from=low2,
-                                      **{"text.frozen": False, "optim.learning_rate": 0.0}),
-                          high2)
-  start, _ = ckpt_lib.restore_subset(high2, {"params": {"text": ld.text.abstract_params}})
-  assert _leaves_equal(start["params"]["text"], got["frozen"]["text"])
 
 
 # Every config file (with its stage args): a None default must still take a command-line value.
