@@ -166,12 +166,19 @@ def eval_params(state) -> dict:
   return state["ema_params"] if state.get("ema_params") is not None else state["params"]
 
 
+def run_trained_text(workdir: str, step: int | None = None) -> bool:
+  """Whether the run in ``workdir`` trained its text encoder (its stored config)."""
+  return text_trained(ckpt_lib.read_config_json(workdir, step) or {})
+
+
 def restore_run_text_encoder(workdir: str, text_abs, step: int | None = None,
-                             use_ema: bool = True) -> tuple[dict, str]:
+                             use_ema: bool = True, trained: bool | None = None
+                             ) -> tuple[dict, str]:
   """The text encoder another run's UNet was trained with: its trained copy (the EMA when kept
-  and ``use_ema``) when that run trained it (its config's text.frozen=False), else its frozen
-  one. Returns (params placed like ``text_abs``, where it was read, e.g. "ema_params.text")."""
-  if text_trained(ckpt_lib.read_config_json(workdir, step) or {}):
+  and ``use_ema``) when that run trained it (``trained``; None reads its config), else its
+  frozen one. Returns (params placed like ``text_abs``, where it was read, e.g.
+  "ema_params.text")."""
+  if run_trained_text(workdir, step) if trained is None else trained:
     got, _, _, which = ckpt_lib.restore_preferring_ema(workdir, {"text": text_abs}, step=step,
                                                        use_ema=use_ema)
     return got["text"], f"{which}.text"
@@ -402,8 +409,7 @@ class DiffusionObjective(loop.Objective):
       return None
     # A trainable text encoder starts from the one the initialising run's UNet was trained with:
     # that run's params (and EMA) when it trained it too, else its frozen part.
-    from_frozen = self.train_text and not text_trained(
-        ckpt_lib.read_config_json(cfg.init_from) or {})
+    from_frozen = self.train_text and not run_trained_text(cfg.init_from)
     strip = lambda tree: {k: v for k, v in tree.items() if not (from_frozen and k == "text")}
     want = {"params": strip(abstract["params"])}
     if abstract.get("ema_params") is not None:
@@ -413,7 +419,8 @@ class DiffusionObjective(loop.Objective):
     except ckpt_lib.MissingStateError:  # the earlier stage kept no EMA: start EMA from params
       got, step = ckpt_lib.restore_subset(cfg.init_from, {"params": want["params"]})
     if from_frozen:
-      text, where = restore_run_text_encoder(cfg.init_from, abstract["params"]["text"])
+      text, where = restore_run_text_encoder(cfg.init_from, abstract["params"]["text"],
+                                             trained=False)
       got["params"] = dict(got["params"], text=text)  # the loop starts its EMA from params
       logging.info("trainable text encoder initialised from %s.%s", cfg.init_from, where)
     logging.info("initialised from %s step %d", cfg.init_from, step)
