@@ -24,7 +24,8 @@ noise depends only on (seed, i), so the images do not depend on the device count
 
 Writes OUT/eval_<tag>.json, sample grids (OUT/grid_<tag>_cfg<s>.png), TensorBoard scalars and
 grids under OUT/tensorboard (OUT defaults to WORKDIR/eval), and with ``--sweep_cfg`` the FID-vs-CLIP
-curve (on shapes: VAE-space distance vs judge accuracy) as OUT/curve_<tag>.png.
+curve (on shapes: the shapes-feature distance ``fd_shapes`` vs judge accuracy, or the VAE-space
+one when only that was computed) as OUT/curve_<tag>.png.
 """
 
 from __future__ import annotations
