@@ -172,18 +172,24 @@ def run_trained_text(workdir: str, step: int | None = None) -> bool:
 
 
 def restore_run_text_encoder(workdir: str, text_abs, step: int | None = None,
-                             use_ema: bool = True, trained: bool | None = None
-                             ) -> tuple[dict, str]:
+                             use_ema: bool = True, others: dict | None = None
+                             ) -> tuple[dict, dict, int, str]:
   """The text encoder another run's UNet was trained with: its trained copy (the EMA when kept
-  and ``use_ema``) when that run trained it (``trained``; None reads its config), else its
-  frozen one. Returns (params placed like ``text_abs``, where it was read, e.g.
-  "ema_params.text")."""
-  if run_trained_text(workdir, step) if trained is None else trained:
-    got, _, _, which = ckpt_lib.restore_preferring_ema(workdir, {"text": text_abs}, step=step,
-                                                       use_ema=use_ema)
-    return got["text"], f"{which}.text"
-  got, _ = ckpt_lib.restore_subset(workdir, {"frozen": {"text": text_abs}}, step)
-  return got["frozen"]["text"], "frozen.text"
+  and ``use_ema``) when that run trained it (its config's text.frozen=False), else its frozen
+  one; plus ``others`` (top-level parts of that run's state, e.g. ``{"frozen": {...}}``) in the
+  same read. Returns (params placed like ``text_abs``, others restored, step, where the encoder
+  was read, e.g. "ema_params.text")."""
+  others = dict(others or {})
+  if run_trained_text(workdir, step):
+    text, got, step_read, which = ckpt_lib.restore_preferring_ema(
+        workdir, {"text": text_abs}, others=others, step=step, use_ema=use_ema)
+    return text["text"], got, step_read, f"{which}.text"
+  frozen = dict(others.get("frozen", {}), text=text_abs)
+  got, step_read = ckpt_lib.restore_subset(workdir, dict(others, frozen=frozen), step)
+  text = got["frozen"].pop("text")
+  if "frozen" not in others:
+    del got["frozen"]
+  return text, got, step_read, "frozen.text"
 
 
 def text_cache_dir(config) -> str:
@@ -394,7 +400,7 @@ class DiffusionObjective(loop.Objective):
       # fresh seeded one would hand this stage's UNet features it has never seen.
       text_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               self.ld.text.abstract_params, shardings["text"])
-      text_params, where = restore_run_text_encoder(cfg.init_from, text_abs)
+      text_params, _, _, where = restore_run_text_encoder(cfg.init_from, text_abs)
       logging.info("text encoder (frozen here) from %s.%s", cfg.init_from, where)
     else:
       text_params = jax.jit(self.ld.text.init, out_shardings=shardings["text"],
@@ -412,17 +418,19 @@ class DiffusionObjective(loop.Objective):
     from_frozen = self.train_text and not run_trained_text(cfg.init_from)
     strip = lambda tree: {k: v for k, v in tree.items() if not (from_frozen and k == "text")}
     want = {"params": strip(abstract["params"])}
+    if from_frozen:  # read in the same restore
+      want["frozen"] = {"text": abstract["params"]["text"]}
     if abstract.get("ema_params") is not None:
       want["ema_params"] = strip(abstract["ema_params"])
     try:
       got, step = ckpt_lib.restore_subset(cfg.init_from, want)
     except ckpt_lib.MissingStateError:  # the earlier stage kept no EMA: start EMA from params
-      got, step = ckpt_lib.restore_subset(cfg.init_from, {"params": want["params"]})
+      got, step = ckpt_lib.restore_subset(
+          cfg.init_from, {k: v for k, v in want.items() if k != "ema_params"})
     if from_frozen:
-      text, where = restore_run_text_encoder(cfg.init_from, abstract["params"]["text"],
-                                             trained=False)
-      got["params"] = dict(got["params"], text=text)  # the loop starts its EMA from params
-      logging.info("trainable text encoder initialised from %s.%s", cfg.init_from, where)
+      # The loop starts its EMA from params.
+      got["params"] = dict(got["params"], text=got.pop("frozen")["text"])
+      logging.info("trainable text encoder initialised from %s.frozen.text", cfg.init_from)
     logging.info("initialised from %s step %d", cfg.init_from, step)
     return got
 

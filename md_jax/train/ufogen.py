@@ -228,8 +228,8 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     # The text encoder the pretrained UNet was trained with (from its params when that run
     # trained it), frozen here like the VAE.
     rest = {k: v for k, v in want.items() if k != "text"}
-    got, step = ckpt_lib.restore_subset(init_from, {"frozen": rest})
-    text, where = diff_obj.restore_run_text_encoder(init_from, want["text"])
+    text, got, step, where = diff_obj.restore_run_text_encoder(init_from, want["text"],
+                                                              others={"frozen": rest})
     frozen = dict(got["frozen"], text=text)
     logging.info("text encoder (%s), VAE and latent stats from %s step %d", where, init_from,
                  step)
