@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded end-to-end run on shapes: VAE -> light decoder -> 32px diffusion -> 64px diffusion
+# The embedded end-to-end run on shapes: VAE -> light decoder -> 64px diffusion -> 128px diffusion
 # -> 50-step DDIM samples judged for colour, shape and position -> UFOGen one-step finetune,
 # judged -> TFLite bundle of the one-step generator. ~20 min on a 2-core CPU after install.
 # Usage: bash launch/quickstart.sh [WORKDIR] [extra md_jax.quickstart flags, e.g. --size=smoke]
