@@ -176,6 +176,10 @@ def run(workdir: str, size: str, overrides=(), export: bool = True) -> dict:
     if os.path.exists(eval_path):
       with open(eval_path) as f:
         summary[key] = json.load(f)
+  probe_path = os.path.join(workdir, "ufogen", "disc_probe.json")
+  if os.path.exists(probe_path):  # is the UFOGen discriminator telling real from fake?
+    with open(probe_path) as f:
+      summary["disc_probe"] = json.load(f)
   summary["vae"] = results["vae"]["eval"]
   summary["light_decoder"] = results[LIGHT_STAGE]["eval"]
   if export:
@@ -216,6 +220,12 @@ def _print_summary(summary, workdir):
     for what, sc in rows:
       print(f"[quickstart]   {what:<17} " + "  ".join(
           f"{100 * sc[k]:5.1f}%" for k in ("colour", "shape", "position", "all")))
+  probe = summary.get("disc_probe")
+  if probe:
+    print(f"[quickstart] UFOGen discriminator on {int(probe['disc_probe/n'])} held-out draws: "
+          f"AUC real vs fake x_(t-{probe['timestep_gap']}) {probe['disc_probe/auc']:.3f} "
+          f"(0.5: undecided; the latents' high-frequency energy alone: "
+          f"{probe['disc_probe/hf_auc']:.3f})")
   ex = summary.get("export")
   if ex:
     ok = all(ex["checks"].values())

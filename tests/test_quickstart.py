@@ -78,6 +78,12 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
     ufogen_final = json.load(f)
   assert ufogen_final["config"]["init_from"] == os.path.join(workdir, "highres")
   assert ufogen_final["config"]["trainer"] == "ufogen"
+  # Its evaluation also asked whether D tells real from fake on held-out draws.
+  probe = summary["disc_probe"]
+  assert probe["disc_probe/n"] == 16 and probe["step"] == 20
+  assert 0.0 <= probe["disc_probe/auc"] <= 1.0 and 0.0 <= probe["disc_probe/hf_auc"] <= 1.0
+  assert ufogen_final["eval"]["disc_probe/auc"] == probe["disc_probe/auc"]
+  assert "UFOGen discriminator on 16 held-out draws" in proc.stdout
   # The chain ends with the checked Android bundle of the one-step generator and a LiteRT run.
   ex = summary["export"]
   assert ex["step"] == 20 and ex["dir"] == os.path.join(workdir, "bundle")

@@ -191,6 +191,72 @@ def test_gan_step_trains_g_and_d_and_leaves_frozen_alone(trained):
   assert hist[0]["g_adv"] > 0.0 and np.isfinite(hist[1]["d/loss"])
 
 
+def test_shared_noise_diffuses_real_and_fake_with_one_draw(trained):
+  """ufogen.shared_noise: x_{t-1} and x'_{t-1} use the same noise, so they differ by exactly
+  sqrt(alpha_bar_{t-1}) (x0 - x0'); everything else the step draws is what it draws without it."""
+  from md_jax.diffusion import schedule as sch  # pylint: disable=g-import-not-at-top
+  trainer, state = trained["trainer"], trained["state"]
+  out = {}
+  for shared in (False, True):
+    config = trainer.config.copy_and_resolve_references()
+    with config.unlocked():
+      config.ufogen.shared_noise = shared
+    obj = ufogen.UFOGenObjective(config, trainer.mesh)
+
+    @jax.jit
+    def draw(params, frozen, batch, obj=obj):
+      d = obj._draws(params, frozen, batch, jnp.int32(3))  # pylint: disable=protected-access
+      fake_prev = sch.q_sample(obj.ld.schedule, d["x0_fake"], d["t_prev"], d["noise_fake"])
+      a, _ = sch.alpha_sigma(obj.ld.schedule, d["t_prev"], d["z"])
+      return dict(d, fake_prev=fake_prev, a=a)
+
+    out[shared] = jax.device_get(draw(state["params"], state["frozen"], trained["batch"]))
+  off, on = out[False], out[True]
+  for k in ("z", "t", "t_prev", "x_t", "x0_fake", "real_prev"):
+    np.testing.assert_array_equal(off[k], on[k])
+  np.testing.assert_allclose(on["real_prev"] - on["fake_prev"], on["a"] * (on["z"] - on["x0_fake"]),
+                             atol=1e-5)
+  gap_off = off["real_prev"] - off["fake_prev"] - off["a"] * (off["z"] - off["x0_fake"])
+  assert float(np.std(gap_off)) > 0.1  # independent draws: the difference carries noise
+
+
+def test_roc_auc_counts_ordered_pairs_and_ties():
+  assert ufogen.roc_auc([1.0, 2.0, 3.0], [0.0, 0.5, 2.0]) == pytest.approx(7.5 / 9)
+  assert ufogen.roc_auc([0.0, 0.0], [0.0, 0.0]) == 0.5
+  assert ufogen.roc_auc([5.0], [1.0, 2.0]) == 1.0 and ufogen.roc_auc([0.0], [1.0]) == 0.0
+
+
+def test_high_freq_energy_is_zero_on_flat_latents_and_falls_with_blur():
+  flat = jnp.full((1, 8, 8, 4), 0.7)
+  assert float(ufogen.latent_high_freq_energy(flat)[0]) == pytest.approx(0.0, abs=1e-10)
+  noise = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
+  smooth = jax.image.resize(noise[:, ::4, ::4], noise.shape, "linear")
+  e_noise, e_smooth = np.asarray(ufogen.latent_high_freq_energy(noise)), np.asarray(
+      ufogen.latent_high_freq_energy(smooth))
+  assert e_noise.shape == (2,) and np.all(e_noise > 4 * e_smooth)
+
+
+def test_discriminator_probe_reads_d_on_held_out_draws(trained):
+  """The evaluation's D probe: an undecided D (zero head, step 0) scores exactly 0.5, the
+  trained one does not."""
+  from md_jax.train import diffusion as diff_obj  # pylint: disable=g-import-not-at-top
+  trainer, obj = trained["trainer"], trained["trainer"].objective
+  it = diff_obj.DiffusionObjective.validation_iterator(obj, 0, 1)
+  batches = [obj.host_batch(next(it)) for _ in range(3)]
+  rows = 3 * int(trainer.config.global_batch_size)
+  undecided = obj.discriminator_probe({"params": trained["before"]["params"],
+                                       "frozen": trained["state"]["frozen"]}, batches)
+  assert undecided["disc_probe/auc"] == 0.5 and undecided["disc_probe/logit_gap"] == 0.0
+  got = obj.discriminator_probe(trained["state"], batches)
+  assert got["disc_probe/n"] == rows
+  assert got["disc_probe/auc"] != 0.5 and got["disc_probe/logit_gap"] != 0.0
+  for probe in (undecided, got):
+    for k, v in probe.items():
+      if "auc" in k:
+        assert 0.0 <= v <= 1.0, k
+  assert any(k.startswith("disc_probe/auc_q") for k in got)
+
+
 def test_one_step_sampler_runs_on_the_generator(trained):
   trainer, state = trained["trainer"], trained["state"]
   ld = trainer.objective.ld

@@ -28,11 +28,15 @@ head at the innermost resolution (models/unet.UNetEncoder).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from scipy import stats
 
 from md_jax.diffusion import schedule as sch
 from md_jax.models import lora as lora_lib
@@ -61,9 +65,20 @@ def default_config() -> ml_collections.ConfigDict:
       min_snr_gamma=5.0,
       adv_weight=1.0,  # 0 turns the adversarial term off (one-step regression only)
       timestep_gap=1,  # D judges x_{t-gap}; the paper's x_{t-1}
+      # True: x_{t-1} and x'_{t-1} diffuse x0 and x0' with one shared noise draw. Each term of
+      # eq. 1 is still an expectation over a correctly distributed sample, so the objective is
+      # unchanged; D's gradient (real minus fake) then carries sqrt(alpha_bar)(x0 - x0') instead
+      # of that plus two independent noise draws (common random numbers). On shapes (gap 500,
+      # 200 D steps) D's held-out AUC 0.90 against 0.86 with independent draws.
+      shared_noise=True,
       disc=ml_collections.ConfigDict(dict(
           learning_rate=1e-4,
-          b1=0.0,
+          # Momentum: D is a pretrained UNet learning from a few examples per step; without it
+          # (b1=0, common for GANs trained from scratch) every weight steps by ~lr along one
+          # small batch's noise. On shapes (batch 8, 200 D steps, gap 500) D stayed undecided
+          # with b1=0 (held-out AUC 0.48-0.51, lr 1e-3) and reached AUC 0.90 with b1=0.9
+          # (lr 1e-4).
+          b1=0.9,
           b2=0.99,
           every=1,  # D updates at steps where step % every == 0
           # True: D is the UNet's down path + middle stack with a logit head at the innermost
@@ -71,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
           encoder_only=False,
       )),
       lora=lora_lib.default_config(),  # used when finetune='lora'
+      # Evaluation also measures how well D separates real from fake x_{t-gap} on this many
+      # held-out draws (discriminator_probe); 0 skips it.
+      probe_examples=256,
   ))
 
 
@@ -137,6 +155,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     self.disc = disc_spec(config)
     self.lora = lora_spec(config, self.ld.unet) if self.u.finetune == "lora" else None
     self._decoder_shape_checked = False  # see _require_decoder_shape_of_init_from
+    self._probe_fn = None
     if not config.init_from:
       raise ValueError("config.init_from is empty: UFOGen finetunes a pretrained diffusion run; "
                        "pass --config.init_from=WORKDIR_OF_THE_DIFFUSION_RUN")
@@ -288,6 +307,69 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
       out["ema_params"] = {self.g_group: jax.tree.map(jnp.copy, g)}
     return out
 
+  # -- is D learning? ---------------------------------------------------------------------------
+  def discriminator_probe(self, state, host_batches) -> dict[str, float]:
+    """How well D tells real from fake x_{t-gap} on held-out draws, with the trained G and D.
+
+    ``disc_probe/auc``: ROC AUC of D's logits, real against fake (0.5: D cannot tell them apart,
+    1: it always can), over all draws and per quarter of t-gap's range (``auc_q0`` lowest noise).
+    ``disc_probe/hf_auc*``: the same AUC of a fixed statistic, the latents' high-frequency
+    energy (``latent_high_freq_energy``): how separable real and fake are at each noise level
+    without any learning. A D at 0.5 where the statistic is well above it is not learning.
+    Batch i draws like training step 2**30 + i, so the value moves only with the params."""
+    if self._probe_fn is None:
+      rep = shd.replicated(self.mesh)
+
+      def fn(params, frozen, batch, step):
+        d = self._draws(params, frozen, batch, step)
+        fake_prev = sch.q_sample(self.ld.schedule, d["x0_fake"], d["t_prev"], d["noise_fake"])
+        return dict(real=self.discriminate(params["disc"], d["real_prev"], d["t_prev"],
+                                           d["context"]),
+                    fake=self.discriminate(params["disc"], fake_prev, d["t_prev"], d["context"]),
+                    hf_real=latent_high_freq_energy(d["real_prev"]),
+                    hf_fake=latent_high_freq_energy(fake_prev), t_prev=d["t_prev"])
+
+      self._probe_fn = jax.jit(fn, out_shardings=rep)
+    got = []
+    for i, host in enumerate(host_batches):
+      batch = shd.global_batch_from_local(host, self.mesh)
+      got.append(jax.device_get(self._probe_fn(state["params"], state["frozen"], batch,
+                                               jnp.int32(2**30 + i))))
+    got = {k: np.concatenate([g[k] for g in got]) for k in got[0]}
+    out = {"disc_probe/n": float(len(got["real"])),
+           "disc_probe/auc": roc_auc(got["real"], got["fake"]),
+           "disc_probe/hf_auc": roc_auc(got["hf_real"], got["hf_fake"]),
+           "disc_probe/logit_gap": float(np.mean(got["real"] - got["fake"]))}
+    span = self.ld.schedule.num_timesteps - int(self.u.timestep_gap)
+    quarter = np.minimum(got["t_prev"] * 4 // max(span, 1), 3)
+    for q in range(4):
+      m = quarter == q
+      if m.sum() >= 2:
+        out[f"disc_probe/auc_q{q}"] = roc_auc(got["real"][m], got["fake"][m])
+        out[f"disc_probe/hf_auc_q{q}"] = roc_auc(got["hf_real"][m], got["hf_fake"][m])
+    return out
+
+  def evaluate(self, state, *, step, workdir, writer, final):
+    """The one-step samples judged (as a diffusion run's), plus ``discriminator_probe`` on
+    ``config.ufogen.probe_examples`` held-out draws (disc_probe.json, TensorBoard)."""
+    results = super().evaluate(state, step=step, workdir=workdir, writer=writer, final=final)
+    n = int(self.u.probe_examples)
+    if n <= 0:
+      return results
+    it = diff_obj.DiffusionObjective.validation_iterator(self, jax.process_index(),
+                                                         jax.process_count())
+    per = int(self.config.global_batch_size)
+    batches = [self.host_batch(next(it)) for _ in range(-(-n // per))]
+    probe = self.discriminator_probe(state, batches)
+    if jax.process_index() == 0:
+      writer.write_scalars(step, probe)
+      name = "disc_probe.json" if final else f"disc_probe_step_{step}.json"
+      with open(os.path.join(workdir, name), "w") as f:
+        json.dump(dict(step=int(step), timestep_gap=int(self.u.timestep_gap), **probe), f,
+                  indent=1)
+      logging.info("discriminator probe: %s", {k: round(v, 3) for k, v in probe.items()})
+    return dict(results, **probe)
+
   # -- the step -------------------------------------------------------------------------------
   def discriminate(self, disc_params, x, t, context):
     """D's logit per example: the mean of its per-location logits."""
@@ -315,9 +397,10 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     t_prev = t - gap
     x_t = sch.q_sample(ld.schedule, z, t, jax.random.normal(n_rng, z.shape, jnp.float32))
     x0_fake = self.generate_x0(self.generator(params, frozen), x_t, t, context)
-    real_prev = sch.q_sample(ld.schedule, z, t_prev,
-                             jax.random.normal(r_rng, z.shape, jnp.float32))
-    noise_fake = jax.random.normal(f_rng, z.shape, jnp.float32)
+    noise_real = jax.random.normal(r_rng, z.shape, jnp.float32)
+    real_prev = sch.q_sample(ld.schedule, z, t_prev, noise_real)
+    noise_fake = (noise_real if bool(self.u.shared_noise) else
+                  jax.random.normal(f_rng, z.shape, jnp.float32))
     return dict(z=z, context=context, t=t, t_prev=t_prev, x_t=x_t, x0_fake=x0_fake,
                 real_prev=real_prev, noise_fake=noise_fake)
 
@@ -360,6 +443,25 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     recon = jnp.mean(gamma * err)
     loss = float(u.adv_weight) * adv + float(u.recon_weight) * recon
     return loss, dict(g_adv=adv, recon=recon, x0_mse=jnp.mean(err), g_fake_logit=jnp.mean(fake))
+
+
+def latent_high_freq_energy(x: jax.Array) -> jax.Array:
+  """Per example: mean square of x minus its 3x3 box blur over interior locations (NHWC), the
+  probe's fixed reference (0 on a flat latent)."""
+  c = x.shape[-1]
+  box = jnp.full((3, 3, 1, c), 1.0 / 9.0, x.dtype)
+  blur = jax.lax.conv_general_dilated(x, box, (1, 1), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=c)
+  return jnp.mean(jnp.square(x[:, 1:-1, 1:-1] - blur), axis=(1, 2, 3))
+
+
+def roc_auc(real: np.ndarray, fake: np.ndarray) -> float:
+  """P(a real score > a fake score), ties counting half (Mann-Whitney): 0.5 = no separation."""
+  real, fake = np.asarray(real, np.float64).ravel(), np.asarray(fake, np.float64).ravel()
+  ranks = stats.rankdata(np.concatenate([real, fake]))
+  n, m = len(real), len(fake)
+  return float((ranks[:n].sum() - n * (n + 1) / 2.0) / (n * m))
 
 
 def _encoder_disc_params(unet: dict, d_abs: dict) -> dict:
