@@ -11,7 +11,9 @@ Two trainable groups on the shared loop:
 One train step runs two phases on the same batch and the same noise draws: D first
 (softplus(-D(x_{t-1})) + softplus(D(x'_{t-1}))), then G against the updated D
 (softplus(-D(x'_{t-1})) plus the reconstruction term), where x_t ~ q(x_t|x0),
-x0' = G(x_t, t), x_{t-1} ~ q(x_{t-1}|x0), x'_{t-1} ~ q(x_{t-1}|x0') and D sees timestep t-1.
+x0' = G(x_t, t), x_{t-1} ~ q(x_{t-1}|x0), x'_{t-1} ~ q(x_{t-1}|x0') and D sees timestep t-1
+(``config.ufogen.timestep_gap`` replaces the 1; ``shared_noise`` diffuses both with one draw).
+Every evaluation also asks whether D learns: ``discriminator_probe`` on held-out draws.
 
 The frozen text encoder, VAE and latent statistics are read from the pretrained run's
 checkpoint, so a finetune needs nothing but ``init_from``. The ``distill`` reconstruction term
@@ -322,11 +324,8 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
 
       def fn(params, frozen, batch, step):
         d = self._draws(params, frozen, batch, step)
-        fake_prev = sch.q_sample(self.ld.schedule, d["x0_fake"], d["t_prev"], d["noise_fake"])
-        return dict(real=self.discriminate(params["disc"], d["real_prev"], d["t_prev"],
-                                           d["context"]),
-                    fake=self.discriminate(params["disc"], fake_prev, d["t_prev"], d["context"]),
-                    hf_real=latent_high_freq_energy(d["real_prev"]),
+        real, fake, fake_prev = self.judge(params["disc"], d)
+        return dict(real=real, fake=fake, hf_real=latent_high_freq_energy(d["real_prev"]),
                     hf_fake=latent_high_freq_energy(fake_prev), t_prev=d["t_prev"])
 
       self._probe_fn = jax.jit(fn, out_shardings=rep)
@@ -404,17 +403,21 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     return dict(z=z, context=context, t=t, t_prev=t_prev, x_t=x_t, x0_fake=x0_fake,
                 real_prev=real_prev, noise_fake=noise_fake)
 
-  def d_loss(self, params, frozen, batch, rng, step):
-    d = self._draws(params, frozen, batch, step)
+  def judge(self, disc_params, d):
+    """D's logits on a draw's real x_{t-gap} and on x'_{t-gap} diffused from G's x0' (no
+    gradient to G), and that x'_{t-gap}."""
     fake_prev = sch.q_sample(self.ld.schedule, jax.lax.stop_gradient(d["x0_fake"]), d["t_prev"],
                              d["noise_fake"])
     # One D pass over real and fake together: half the D graph to compile and run (every op of
     # D is per example). Interleaved (real_i, fake_i), so a batch sharded over devices stays
     # where it is.
     both = lambda a, b: jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
-    logits = self.discriminate(params["disc"], both(d["real_prev"], fake_prev),
+    logits = self.discriminate(disc_params, both(d["real_prev"], fake_prev),
                                both(d["t_prev"], d["t_prev"]), both(d["context"], d["context"]))
-    real, fake = logits[0::2], logits[1::2]
+    return logits[0::2], logits[1::2], fake_prev
+
+  def d_loss(self, params, frozen, batch, rng, step):
+    real, fake, _ = self.judge(params["disc"], self._draws(params, frozen, batch, step))
     loss = jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
     acc = 0.5 * (jnp.mean((real > 0).astype(jnp.float32)) + jnp.mean((fake < 0).astype(jnp.float32)))
     return loss, dict(real_logit=jnp.mean(real), fake_logit=jnp.mean(fake), accuracy=acc)
