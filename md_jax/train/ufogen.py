@@ -158,6 +158,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     self.lora = lora_spec(config, self.ld.unet) if self.u.finetune == "lora" else None
     self._decoder_shape_checked = False  # see _require_decoder_shape_of_init_from
     self._probe_fn = None
+    self._probe_batches = None  # this process's rows of the probe's held-out batches
     if not config.init_from:
       raise ValueError("config.init_from is empty: UFOGen finetunes a pretrained diffusion run; "
                        "pass --config.init_from=WORKDIR_OF_THE_DIFFUSION_RUN")
@@ -355,11 +356,12 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     n = int(self.u.probe_examples)
     if n <= 0:
       return results
-    it = diff_obj.DiffusionObjective.validation_iterator(self, jax.process_index(),
-                                                         jax.process_count())
-    per = int(self.config.global_batch_size)
-    batches = [self.host_batch(next(it)) for _ in range(-(-n // per))]
-    probe = self.discriminator_probe(state, batches)
+    if self._probe_batches is None:  # read once: every evaluation probes the same records
+      it = diff_obj.DiffusionObjective.validation_iterator(self, jax.process_index(),
+                                                           jax.process_count())
+      per = int(self.config.global_batch_size)
+      self._probe_batches = [self.host_batch(next(it)) for _ in range(-(-n // per))]
+    probe = self.discriminator_probe(state, self._probe_batches)
     if jax.process_index() == 0:
       writer.write_scalars(step, probe)
       name = "disc_probe.json" if final else f"disc_probe_step_{step}.json"
