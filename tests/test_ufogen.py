@@ -74,10 +74,15 @@ def _train(arg, pretrained, workdir, steps=2, **overrides):
               batch=batch)
 
 
+_POOL = 24  # records of `trained`'s data (configs/ufogen.py's own pool is 1M)
+
+
 @pytest.fixture(scope="module")
 def trained(pretrained, tmp_path_factory):
-  """The distill variant (it also holds the frozen teacher)."""
-  return _train("distill,tiny", pretrained, str(tmp_path_factory.mktemp("ufogen")))
+  """The distill variant (it also holds the frozen teacher), on a pool of 24 records (the
+  cached-latents test encodes the same pool)."""
+  return _train("distill,tiny", pretrained, str(tmp_path_factory.mktemp("ufogen")),
+                **{"data.num_records": _POOL})
 
 
 @pytest.fixture(scope="module")
@@ -491,23 +496,23 @@ def test_sigkill_mid_finetune_then_resume_matches_uninterrupted(lora_run, pretra
 
 
 @pytest.mark.slow
-def test_gan_step_on_cached_latents_matches_the_encoder_in_step(pretrained, vae_workdir,
+def test_gan_step_on_cached_latents_matches_the_encoder_in_step(trained, pretrained, vae_workdir,
                                                                 tmp_path):
   """With config.vae.cache_dir the GAN step draws its latents from the cached posteriors (the
-  encoder is not run): same records, same key, so the same losses as encoding the images."""
+  encoder is not run): same records, same key, so the same losses as `trained`'s first step,
+  which encoded the images in the step."""
   from md_jax.tools import build_latent_cache  # pylint: disable=g-import-not-at-top
   cache = str(tmp_path / "latents")
-  build = _ufogen_config("diffusion,tiny", pretrained, **{"data.num_records": 24})
+  # `trained`'s settings and pool of records.
+  build = _ufogen_config("distill,tiny", pretrained, **{"data.num_records": _POOL})
   with build.unlocked():
     build.vae_workdir = vae_workdir  # the VAE the pretrained run (init_from) read latents with
   build_latent_cache.build_for_config(build, cache, batch_size=8)
-  plain = _train("diffusion,tiny", pretrained, str(tmp_path / "plain"), steps=1,
-                 **{"data.num_records": 24})
-  cached = _train("diffusion,tiny", pretrained, str(tmp_path / "cached"), steps=1,
-                  **{"data.num_records": 24, "vae.cache_dir": cache})
-  assert "image" in plain["batch"] and "image" not in cached["batch"]
+  cached = _train("distill,tiny", pretrained, str(tmp_path / "cached"), steps=1,
+                  **{"data.num_records": _POOL, "vae.cache_dir": cache})
+  assert "image" in trained["batch"] and "image" not in cached["batch"]
   assert cached["batch"]["latent_mean"].shape[1:] == (4, 4, 8)
-  a, b = plain["history"][0], cached["history"][0]
+  a, b = trained["history"][0], cached["history"][0]
   assert a["finite"] == b["finite"] == 1.0
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
