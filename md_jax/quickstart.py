@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -216,10 +217,14 @@ def _print_summary(summary, workdir):
           for k, w in (("eval", "DDIM-{num_steps} (base)"), ("onestep_eval", "one-step (UFOGen)"))
           if k in summary]
   if rows:
-    print("[quickstart] judge accuracy      colour  shape  position  all")
+    # Edge width: the judge's sharpness measure (median, px at 64 px; above 0.65 it rejects a
+    # sample as blurred), which still ranks samples that all fail on sharpness.
+    print("[quickstart] judge accuracy      colour  shape  position  all     edge width")
     for what, sc in rows:
+      edge = sc.get("edge_width_median", float("nan"))
       print(f"[quickstart]   {what:<17} " + "  ".join(
-          f"{100 * sc[k]:5.1f}%" for k in ("colour", "shape", "position", "all")))
+          f"{100 * sc[k]:5.1f}%" for k in ("colour", "shape", "position", "all")) +
+            (f"  {edge:5.2f} px" if math.isfinite(edge) else "      -"))
   probe = summary.get("disc_probe")
   if probe:
     print(f"[quickstart] UFOGen discriminator on {int(probe['disc_probe/n'])} held-out draws: "

@@ -48,12 +48,15 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys)
   row = dict(name="(c) diffusion,full", seen_colour=0.5, held_out_colour=0.25, fd_shapes=812.4,
              kid_shapes=0.1234,
              judge=dict(colour=0.5, colour_ci=[0.4, 0.6], shape=0.25, position=0.75, all=0.125,
-                        rejected=0.0625),
+                        rejected=0.0625, edge_width_median=0.7349,
+                        edge_width_median_ci=[0.7012, 0.7788], edge_width_n=250),
              lenient=dict(colour=0.625, shape=0.375, position=0.875, rejected=0.0))
-  table = bench.format_table([row]).splitlines()
-  assert len(table) == 3 and table[1].count("|") == table[0].count("|")
+  old = {**row, "judge": {k: v for k, v in row["judge"].items() if not k.startswith("edge")}}
+  table = bench.format_table([row, old]).splitlines()
+  assert len(table) == 4 and table[1].count("|") == table[0].count("|") == table[2].count("|")
   assert table[2] == ("| (c) diffusion,full | 50.0% [40.0, 60.0] | 25.0% | 75.0% | 12.5% | 6.2% | "
-                      "50.0% / 25.0% | 62.5% / 37.5% / 87.5% | 812 | 0.123 |")
+                      "50.0% / 25.0% | 62.5% / 37.5% / 87.5% | 0.73 [0.70, 0.78] (250) | 812 | 0.123 |")
+  assert "| 62.5% / 37.5% / 87.5% | - | 812 |" in table[3]  # a row judged without edge widths
 
 
 @pytest.mark.slow  # ~30 s on 2 cores: two tiny train steps compile

@@ -38,9 +38,13 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
       assert 0.0 <= scores[k] <= 1.0
       assert len(scores[k + "_ci"]) == 2
     assert scores["seen"]["n"] + scores["held_out"]["n"] == 32
+    # The sharpness measure over the samples where the judge found one object.
+    assert 0 <= scores["edge_width_n"] <= 32, key
+    assert scores["edge_width_n"] == 0 or scores["edge_width_median"] > 0, key
     assert os.path.exists(ev["grid"])
   assert summary["onestep_eval"]["grid"].startswith(os.path.join(workdir, "ufogen"))
   assert "judge accuracy" in proc.stdout and "one-step (UFOGen)" in proc.stdout
+  assert "edge width" in proc.stdout
   assert "eval/recon_psnr" in summary["vae"]
   # The light decoder, distilled against the VAE's frozen encoder, is the VAE of every later
   # stage: its run is their vae_workdir, their decoder has its shape, and the bundle ships it.

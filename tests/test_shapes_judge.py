@@ -177,6 +177,37 @@ def test_wrong_prompt_attributes_are_false():
   assert (out["colour"], out["shape"], out["position"]) == (False, False, False)
 
 
+def test_score_reports_the_median_edge_width_of_found_objects():
+  recs = _records("eval", 64, 16)
+  images = [r["image"] for r in recs]
+  prompts = [r["caption"] for r in recs]
+  sharp = J.score(images, prompts)
+  assert sharp["edge_width_n"] == 16 and sharp["edge_width_median"] < 0.2
+  lo, hi = sharp["edge_width_median_ci"]
+  assert lo <= sharp["edge_width_median"] <= hi
+  # Blurred past the judge's limit: every sample is rejected (the accuracies cannot tell two such
+  # sets apart), and the edge width still ranks them by how blurred they are.
+  soft = J.score([_blur(im, 2.0) for im in images], prompts)
+  softer = J.score([_blur(im, 4.0) for im in images], prompts)
+  assert soft["rejected"] == softer["rejected"] == 1.0
+  assert J.EDGE_WIDTH_MAX_64 < soft["edge_width_median"] < softer["edge_width_median"]
+  images[0] = np.zeros_like(images[0])  # no object found: no edge width
+  out = J.score(images, prompts, held_out=[i % 2 == 0 for i in range(16)])
+  assert out["edge_width_n"] == 15 and out["seen"]["edge_width_n"] == 8
+  assert np.isnan(J.score(images[:1], prompts[:1])["edge_width_median"])
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+  # n = 100: 1-based ranks 40 and 61, the textbook 95% interval of a median.
+  assert J.median_interval(np.arange(100.0)[::-1]) == (39.0, 60.0)
+  assert J.median_interval([3.0]) == (3.0, 3.0)
+  assert all(np.isnan(J.median_interval([])))
+  rng = np.random.default_rng(0)  # coverage of the true median (ln 2) of Exp(1) samples
+  hits = [lo <= np.log(2) <= hi for lo, hi in
+          (J.median_interval(rng.exponential(size=200)) for _ in range(400))]
+  assert 0.92 <= np.mean(hits) <= 0.99
+
+
 def test_score_and_wilson():
   recs = _records("eval", 32, 24)
   images = [r["image"] for r in recs]

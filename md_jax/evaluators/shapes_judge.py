@@ -313,7 +313,29 @@ def _summarise(results: Sequence[dict]) -> dict:
     out[key] = k / n if n else float("nan")
     out[key + "_ci"] = wilson_interval(k, n)
   out["rejected"] = (sum(r["reason"] != "ok" for r in results) / n) if n else float("nan")
+  # Sharpness: the median edge width (px at 64 px; blurred above EDGE_WIDTH_MAX_64) over the
+  # images where one coloured object was found, sharp or not, with how many those are. The
+  # accuracies cannot rank two sets of blurred samples (both rejected); this can.
+  edges = [r["detected"]["edge_width"] for r in results
+           if r.get("detected") and "edge_width" in r["detected"]]
+  out["edge_width_median"] = float(np.median(edges)) if edges else float("nan")
+  out["edge_width_median_ci"] = median_interval(edges)
+  out["edge_width_n"] = len(edges)
   return out
+
+
+def median_interval(values: Sequence[float], z: float = 1.959964) -> tuple[float, float]:
+  """Distribution-free ~95% interval of a median: the order statistics of (1-based) ranks
+  floor(n/2 - z*sqrt(n)/2) and ceil(1 + n/2 + z*sqrt(n)/2), from the normal approximation of
+  Binomial(n, 1/2), clipped to the sample; (nan, nan) when empty."""
+  x = np.sort(np.asarray(values, np.float64))
+  n = len(x)
+  if not n:
+    return (float("nan"), float("nan"))
+  half = z * math.sqrt(n) / 2
+  lo = max(1, int(math.floor(n / 2 - half)))
+  hi = min(n, int(math.ceil(1 + n / 2 + half)))
+  return (float(x[lo - 1]), float(x[hi - 1]))
 
 
 def score(images: Sequence[np.ndarray], prompts: Sequence[str],
@@ -321,7 +343,8 @@ def score(images: Sequence[np.ndarray], prompts: Sequence[str],
   """Accuracies with 95% Wilson intervals over a set of (image, prompt) pairs.
 
   Returns dict(n, colour, shape, position, all (all three right), each with a
-  `<key>_ci` (lo, hi) interval, rejected (share of rejected images)); when
+  `<key>_ci` (lo, hi) interval, rejected (share of rejected images), edge_width_median with
+  its edge_width_median_ci and edge_width_n (see _summarise)); when
   held_out is given, also 'held_out' and 'seen': the same for each subset.
   """
   images = list(images)

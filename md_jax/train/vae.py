@@ -475,10 +475,8 @@ def _judge_reconstructions(recon_u8, captions, prefix: str) -> dict:
   for key in ("colour", "shape", "position", "all", "rejected"):
     out[f"{prefix}_judge_{key}"] = float(judged[key])
     out[f"{prefix}_judge_unsharp_{key}"] = float(lenient[key])
-  edges = [(v["detected"] or {}).get("edge_width") for v in verdicts]
-  edges = [e for e in edges if e is not None]
-  if edges:
-    out[f"{prefix}_edge_width_median"] = float(np.median(edges))
+  if lenient["edge_width_n"]:
+    out[f"{prefix}_edge_width_median"] = lenient["edge_width_median"]
   return out
 
 
