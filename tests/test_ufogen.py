@@ -140,6 +140,9 @@ def test_configs_cover_table5_and_reject_bad_settings(pretrained, tmp_path):
     config_loading.load_config("configs/ufogen.py:bogus")
   with pytest.raises(ValueError, match="init_from"):
     ufogen.UFOGenObjective(_ufogen_config("tiny", ""), mesh)
+  with pytest.raises(ValueError, match="config.ufogen.real_latents"):
+    ufogen.UFOGenObjective(_ufogen_config("tiny", pretrained, **{"ufogen.real_latents": "x"}),
+                           mesh)
   with pytest.raises(ValueError, match="config.ema_decay"):
     ufogen.UFOGenObjective(_ufogen_config("ema,tiny", pretrained, ema_decay=0.0), mesh)
   with pytest.raises(ValueError, match="config.ufogen.lora.targets"):
@@ -196,16 +199,17 @@ def test_gan_step_trains_g_and_d_and_leaves_frozen_alone(trained):
   assert hist[0]["g_adv"] > 0.0 and np.isfinite(hist[1]["d/loss"])
 
 
-def test_shared_noise_diffuses_real_and_fake_with_one_draw(trained):
+def test_shared_noise_and_real_latents_choose_the_draws(trained):
   """ufogen.shared_noise: x_{t-1} and x'_{t-1} use the same noise, so they differ by exactly
   sqrt(alpha_bar_{t-1}) (x0 - x0'); everything else the step draws is what it draws without it."""
   from md_jax.diffusion import schedule as sch  # pylint: disable=g-import-not-at-top
   trainer, state = trained["trainer"], trained["state"]
   out = {}
-  for shared in (False, True):
+  for shared, real in ((False, "sample"), (True, "sample"), (True, "mean")):
     config = trainer.config.copy_and_resolve_references()
     with config.unlocked():
       config.ufogen.shared_noise = shared
+      config.ufogen.real_latents = real
     obj = ufogen.UFOGenObjective(config, trainer.mesh)
 
     @jax.jit
@@ -215,14 +219,24 @@ def test_shared_noise_diffuses_real_and_fake_with_one_draw(trained):
       a, _ = sch.alpha_sigma(obj.ld.schedule, d["t_prev"], d["z"])
       return dict(d, fake_prev=fake_prev, a=a)
 
-    out[shared] = jax.device_get(draw(state["params"], state["frozen"], trained["batch"]))
-  off, on = out[False], out[True]
+    out[shared, real] = jax.device_get(draw(state["params"], state["frozen"], trained["batch"]))
+  off, on = out[False, "sample"], out[True, "sample"]
   for k in ("z", "t", "t_prev", "x_t", "x0_fake", "real_prev"):
     np.testing.assert_array_equal(off[k], on[k])
   np.testing.assert_allclose(on["real_prev"] - on["fake_prev"], on["a"] * (on["z"] - on["x0_fake"]),
                              atol=1e-5)
   gap_off = off["real_prev"] - off["fake_prev"] - off["a"] * (off["z"] - off["x0_fake"])
   assert float(np.std(gap_off)) > 0.1  # independent draws: the difference carries noise
+
+  # ufogen.real_latents='mean': x0 is the VAE posterior's mean (normalised), not a draw from it.
+  frozen = state["frozen"]
+  mean, _ = trainer.objective.ld.vae.bind(frozen["vae"]).encode(trained["batch"]["image"])
+  want = (np.asarray(mean) - np.asarray(frozen["latent_shift"])) / np.asarray(
+      frozen["latent_scale"])
+  got = out[True, "mean"]
+  np.testing.assert_allclose(got["z"], want, rtol=1e-5, atol=1e-5)
+  assert float(np.max(np.abs(on["z"] - got["z"]))) > 1e-3  # the sampled x0 differs from it
+  np.testing.assert_array_equal(got["t"], on["t"])
 
 
 def test_roc_auc_counts_ordered_pairs_and_ties():

@@ -114,8 +114,8 @@ class LatentDiffusion:
 
   def latents_from_moments(self, frozen, mean, logvar, rng):
     """A normalised latent drawn from the VAE posterior (the encoder's output, or a latent
-    cache's row of it)."""
-    z = vae_lib.sample_posterior(mean, logvar, rng)
+    cache's row of it); rng=None: the posterior's mean."""
+    z = mean if rng is None else vae_lib.sample_posterior(mean, logvar, rng)
     z = (z.astype(jnp.float32) - frozen["latent_shift"]) / frozen["latent_scale"]
     return jax.lax.stop_gradient(z)
 
@@ -500,7 +500,8 @@ class DiffusionObjective(loop.Objective):
 
   def batch_latents(self, frozen, batch, rng):
     """Normalised latents of a batch: drawn from its cached posteriors when it carries them
-    (config.vae.cache_dir), else from the frozen encoder's posterior of its images."""
+    (config.vae.cache_dir), else from the frozen encoder's posterior of its images. rng=None:
+    the posterior means."""
     if "latent_mean" in batch:
       return self.ld.latents_from_moments(frozen, batch["latent_mean"], batch["latent_logvar"],
                                           rng)

@@ -53,6 +53,7 @@ from md_jax.train.state import ModelSpec
 RECON_TERMS = ("diffusion", "distill", "ema")
 FINETUNE_KINDS = ("full", "lora")
 RECON_WEIGHTINGS = ("prediction", "none", "min_snr")
+REAL_LATENTS = ("sample", "mean")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -73,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
       # of that plus two independent noise draws (common random numbers). On shapes (gap 500,
       # 200 D steps) D's held-out AUC 0.90 against 0.86 with independent draws.
       shared_noise=True,
+      # x0, the real data of both terms: 'sample' draws it from the VAE posterior, as the
+      # pretraining loss does; 'mean' takes the posterior mean, so D cannot tell real from fake by
+      # the posterior's per-location noise (which G's x0' lacks and the decoder mostly ignores).
+      real_latents="sample",
       disc=ml_collections.ConfigDict(dict(
           learning_rate=1e-4,
           # Momentum: D is a pretrained UNet learning from a few examples per step; without it
@@ -123,6 +128,9 @@ def _check_config(config) -> None:
   if u.recon_weighting not in RECON_WEIGHTINGS:
     raise ValueError(f"config.ufogen.recon_weighting={u.recon_weighting!r}: expected one of "
                      f"{RECON_WEIGHTINGS}")
+  if u.real_latents not in REAL_LATENTS:
+    raise ValueError(f"config.ufogen.real_latents={u.real_latents!r}: expected one of "
+                     f"{REAL_LATENTS}")
   if int(u.timestep_gap) < 1:
     raise ValueError(f"config.ufogen.timestep_gap={u.timestep_gap} must be >= 1")
 
@@ -387,7 +395,7 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(self.config.seed)), step),
                              0x0F06)
     z_rng, t_rng, n_rng, r_rng, f_rng = jax.random.split(key, 5)
-    z = self.batch_latents(frozen, batch, z_rng)
+    z = self.batch_latents(frozen, batch, z_rng if self.u.real_latents == "sample" else None)
     if "text_embedding" in batch:
       context = jax.lax.stop_gradient(batch["text_embedding"])
     else:
