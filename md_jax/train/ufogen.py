@@ -77,6 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
       # x0, the real data of both terms: 'sample' draws it from the VAE posterior, as the
       # pretraining loss does; 'mean' takes the posterior mean, so D cannot tell real from fake by
       # the posterior's per-location noise (which G's x0' lacks and the decoder mostly ignores).
+      # On shapes (300 steps, batch 8) 'mean' gave no sharper one-step samples (median edge
+      # width 1.06 against 1.07) and a worse fd_shapes (1891 against 1461).
       real_latents="sample",
       disc=ml_collections.ConfigDict(dict(
           learning_rate=1e-4,
