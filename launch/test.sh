@@ -6,9 +6,6 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh test
 # Two workers: most of the suite's time is XLA compilation, which runs on one core per process,
 # so a 2-core machine compiles two test files at once. loadfile keeps each file (and its module
-# fixtures) on one worker; --no-loadscope-reorder hands files out in collection order, which
-# tests/conftest.py starts with the longest ones (xdist's own order, most tests first, left the
-# few-test smoke chain for late). MD_JAX_TEST_WORKERS=0 runs everything in this process.
+# fixtures) on one worker. MD_JAX_TEST_WORKERS=0 runs everything in this process.
 WORKERS="${MD_JAX_TEST_WORKERS:-2}"
-exec .venv/bin/python -m pytest -q -ra --durations=15 -n "$WORKERS" --dist loadfile \
-  --no-loadscope-reorder "$@" tests
+exec .venv/bin/python -m pytest -q -ra --durations=15 -n "$WORKERS" --dist loadfile "$@" tests

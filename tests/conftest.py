@@ -19,20 +19,6 @@ if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
 
-# The longest files (minutes each on 2 cores: the smoke chain, the GAN steps, the 8-device and
-# two-process runs) first. launch/test.sh hands whole files to its two workers in collection
-# order (--dist loadfile --no-loadscope-reorder), so a long file collected last would run alone
-# at the end while the other core idles. Within a file the order is kept.
-LONG_FILES_FIRST = ("test_quickstart.py", "test_ufogen.py", "test_distributed.py",
-                    "test_train_loop.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-  del session, config
-  rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
-  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
-
-
 def cli_env(fast_compile: bool = True, **extra) -> dict:
   """The environment for a CLI subprocess; ``fast_compile=False`` for runs of real-size models
   long enough that optimised code pays for its compile time (the smoke chain)."""
