@@ -201,7 +201,8 @@ def test_gan_step_trains_g_and_d_and_leaves_frozen_alone(trained):
 
 def test_shared_noise_and_real_latents_choose_the_draws(trained):
   """ufogen.shared_noise: x_{t-1} and x'_{t-1} use the same noise, so they differ by exactly
-  sqrt(alpha_bar_{t-1}) (x0 - x0'); everything else the step draws is what it draws without it."""
+  sqrt(alpha_bar_{t-1}) (x0 - x0'); everything else the step draws is what it draws without it.
+  ufogen.real_latents='mean': x0 is the posterior mean, the rest of the draw unchanged."""
   from md_jax.diffusion import schedule as sch  # pylint: disable=g-import-not-at-top
   trainer, state = trained["trainer"], trained["state"]
   out = {}
