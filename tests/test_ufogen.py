@@ -87,9 +87,9 @@ def trained(pretrained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ema_trained(pretrained, tmp_path_factory):
-  """The EMA-distillation variant with the encoder-only discriminator."""
+  """The EMA-distillation variant with the encoder-only discriminator, updated twice per step."""
   return _train("ema,tiny", pretrained, str(tmp_path_factory.mktemp("ufogen_ema")),
-                **{"ufogen.disc.encoder_only": True})
+                **{"ufogen.disc.encoder_only": True, "ufogen.disc.steps": 2})
 
 
 def test_text_encoder_is_the_pretrained_runs_trained_copy_and_stays_frozen(pretrained, trained):
@@ -339,6 +339,53 @@ def test_ema_term_regresses_g_onto_its_ema(ema_trained):
   assert grad_g > 0.0 and grad_ema == 0.0  # the gradient reaches G only
 
 
+def test_extra_discriminator_updates_come_first_on_their_own_draws(ema_trained):
+  """ufogen.disc.steps=2: each step updates D on draw 1 ('d1/'), then on draw 0 ('d/', the draw
+  G's phase uses), then G. Replays step 0's two D updates by hand."""
+  tr = ema_trained
+  trainer, hist = tr["trainer"], tr["history"]
+  obj = trainer.objective
+  assert [p.name for p in trainer.phases] == ["d1", "d", "g"]
+  # D's optimizer made two updates per step.
+  counts = {int(np.max(c)) for c in jax.tree.leaves(tr["state"]["opt_state"]["disc"])
+            if np.asarray(c).dtype == np.int32 and np.asarray(c).ndim == 0}
+  assert counts == {2 * len(hist)}
+  params0 = tr["before"]["params"]
+  tx = trainer.txs["disc"]
+  step = jnp.int32(0)
+
+  @jax.jit
+  def replay(params, frozen, batch):
+    def d_loss(disc, draw):
+      return obj.d_loss({**params, "disc": disc}, frozen, batch, None, step, draw=draw)
+
+    (loss1, m1), grads = jax.value_and_grad(d_loss, has_aux=True)(params["disc"], 1)
+    updates, _ = tx.update(grads, tx.init(params["disc"]), params["disc"])
+    loss0, m0 = d_loss(optax.apply_updates(params["disc"], updates), 0)
+    loss0_unmoved, _ = d_loss(params["disc"], 0)
+    return loss1, m1, loss0, m0, loss0_unmoved
+
+  loss1, m1, loss0, m0, unmoved = jax.device_get(
+      replay(params0, tr["before"]["frozen"], tr["batch"]))
+  # The first D update meets the zero head (undecided: 2 log 2 exactly) ...
+  assert hist[0]["d1/loss"] == pytest.approx(2 * np.log(2), rel=1e-6)
+  assert float(loss1) == pytest.approx(2 * np.log(2), rel=1e-6)
+  # ... and the second reads D after it, on the other draw (different timesteps and noise).
+  assert hist[0]["d/loss"] == pytest.approx(float(loss0), rel=1e-4)
+  assert hist[0]["d/loss"] != pytest.approx(float(unmoved), rel=1e-4)
+  assert hist[0]["d/real_logit"] == pytest.approx(float(m0["real_logit"]), rel=1e-3, abs=1e-6)
+  d1 = obj._draws(params0, tr["before"]["frozen"], tr["batch"], step, 1)  # pylint: disable=protected-access
+  d0 = obj._draws(params0, tr["before"]["frozen"], tr["batch"], step)  # pylint: disable=protected-access
+  assert not np.array_equal(np.asarray(d1["x_t"]), np.asarray(d0["x_t"]))
+
+
+def test_disc_steps_below_one_is_refused(pretrained):
+  config = _ufogen_config("tiny", pretrained, **{"ufogen.disc.steps": 0})
+  mesh = shd.make_mesh((1, 1, 1), config.mesh_axes, devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="config.ufogen.disc.steps=0"):
+    ufogen.UFOGenObjective(config, mesh)
+
+
 # -- the encoder-only discriminator ------------------------------------------------------------
 
 
@@ -349,7 +396,7 @@ def test_encoder_only_discriminator(ema_trained, pretrained):
   assert "up_levels" not in d0 and {"middle", "norm_head", "conv_out"} <= set(d0)
   # The head is zero at initialisation (D undecided: logits exactly 0) and learns.
   assert not np.any(d0["conv_out"]["kernel"]) and not np.any(d0["conv_out"]["bias"])
-  assert tr["history"][0]["d/real_logit"] == 0.0 and tr["history"][0]["d/fake_logit"] == 0.0
+  assert tr["history"][0]["d1/real_logit"] == 0.0 and tr["history"][0]["d1/fake_logit"] == 0.0
   assert np.any(d1["conv_out"]["kernel"])
   # The body comes from the pretrained UNet: down path as G's, middle = G's innermost up stack.
   inner = str(len(g0["up_levels"]) - 1)

@@ -13,6 +13,7 @@ One train step runs two phases on the same batch and the same noise draws: D fir
 (softplus(-D(x'_{t-1})) plus the reconstruction term), where x_t ~ q(x_t|x0),
 x0' = G(x_t, t), x_{t-1} ~ q(x_{t-1}|x0), x'_{t-1} ~ q(x_{t-1}|x0') and D sees timestep t-1
 (``config.ufogen.timestep_gap`` replaces the 1; ``shared_noise`` diffuses both with one draw).
+``disc.steps`` > 1 adds D updates before those two, each on its own draw of the same batch.
 Every evaluation also asks whether D learns: ``discriminator_probe`` on held-out draws.
 
 The frozen text encoder, VAE and latent statistics are read from the pretrained run's
@@ -30,6 +31,7 @@ head at the innermost resolution (models/unet.UNetEncoder).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -90,6 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
           b1=0.9,
           b2=0.99,
           every=1,  # D updates at steps where step % every == 0
+          # D updates per train step (each on the step's batch with its own timesteps and noise,
+          # the last on the draws G's update then uses): > 1 lets D keep up with G without a
+          # larger learning rate. D's optimizer counts every update, so its warmup ends sooner.
+          steps=1,
           # True: D is the UNet's down path + middle stack with a logit head at the innermost
           # resolution (models/unet.UNetEncoder); False: the whole UNet (paper 4.1).
           encoder_only=False,
@@ -135,6 +141,9 @@ def _check_config(config) -> None:
                      f"{REAL_LATENTS}")
   if int(u.timestep_gap) < 1:
     raise ValueError(f"config.ufogen.timestep_gap={u.timestep_gap} must be >= 1")
+  if int(u.disc.steps) < 1:
+    raise ValueError(f"config.ufogen.disc.steps={u.disc.steps}: D updates per train step must "
+                     "be >= 1 (use config.ufogen.disc.every to update D less often than G)")
 
 
 def recon_weight(sched: sch.NoiseSchedule, t: jax.Array, kind: str, gamma: float) -> jax.Array:
@@ -206,7 +215,12 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     return cfg
 
   def phases(self):
-    return [loop.Phase("d", ("disc",), self.d_loss, every=int(self.u.disc.every)),
+    # disc.steps = k: D phases d1 .. d{k-1} on draws 1 .. k-1, then 'd' on draw 0, the draws G's
+    # phase shares (k = 1 is the single D update of the paper's step).
+    k = int(self.u.disc.steps)
+    extra = [loop.Phase(f"d{j}", ("disc",), functools.partial(self.d_loss, draw=j),
+                        every=int(self.u.disc.every)) for j in range(1, k)]
+    return extra + [loop.Phase("d", ("disc",), self.d_loss, every=int(self.u.disc.every)),
             loop.Phase("g", (self.g_group,), self.loss, with_ema=self.u.recon == "ema")]
 
   def ema_groups(self):
@@ -391,11 +405,14 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     pred = self.ld.unet_apply(unet_params)(x_t, t.astype(jnp.float32), context)
     return sch.pred_to_x0(self.ld.schedule, pred.astype(jnp.float32), x_t, t)
 
-  def _draws(self, params, frozen, batch, step):
-    """Everything both phases share: the same latents, timesteps, noisy inputs and G's x0'."""
+  def _draws(self, params, frozen, batch, step, draw: int = 0):
+    """Everything both phases share: the same latents, timesteps, noisy inputs and G's x0'.
+    ``draw`` > 0: another independent draw on the same batch (D's extra updates)."""
     ld = self.ld
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(self.config.seed)), step),
                              0x0F06)
+    if draw:
+      key = jax.random.fold_in(key, draw)
     z_rng, t_rng, n_rng, r_rng, f_rng = jax.random.split(key, 5)
     z = self.batch_latents(frozen, batch, z_rng if self.u.real_latents == "sample" else None)
     if "text_embedding" in batch:
@@ -428,8 +445,8 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
                                both(d["t_prev"], d["t_prev"]), both(d["context"], d["context"]))
     return logits[0::2], logits[1::2], fake_prev
 
-  def d_loss(self, params, frozen, batch, rng, step):
-    real, fake, _ = self.judge(params["disc"], self._draws(params, frozen, batch, step))
+  def d_loss(self, params, frozen, batch, rng, step, draw: int = 0):
+    real, fake, _ = self.judge(params["disc"], self._draws(params, frozen, batch, step, draw))
     loss = jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
     acc = 0.5 * (jnp.mean((real > 0).astype(jnp.float32)) + jnp.mean((fake < 0).astype(jnp.float32)))
     return loss, dict(real_logit=jnp.mean(real), fake_logit=jnp.mean(fake), accuracy=acc)
