@@ -1,7 +1,7 @@
 """One diffusion train step with the frozen VAE encoder in the step vs cached posteriors.
 
   python benchmarks/latent_cache_step.py [--stage lowres|highres] [--size full|smoke|tiny]
-      [--runs 10] [--batch 32]
+      [--runs 10] [--batch 32] [--set KEY=VALUE ...]
 
 Defaults are the quickstart's stages (configs/shapes.py:STAGE,full at batch 32: 64 px and 128 px
 images). Same state and records both ways: the cached batch carries the encoder's own posterior
@@ -31,6 +31,8 @@ def _parse():
   p.add_argument("--size", choices=("full", "smoke", "tiny"), default="full")
   p.add_argument("--runs", type=int, default=10)
   p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, JSON value, e.g. --set unet.remat=true (repeatable)")
   return p.parse_args()
 
 
@@ -58,6 +60,10 @@ def main():
   with config.unlocked():
     config.global_batch_size = args.batch
     config.progress_bar = False
+    try:
+      config_loading.apply_overrides(config, args.set, flag="--set")
+    except KeyError as e:
+      raise SystemExit(str(e)) from None
   trainer = loop.Trainer(config, tempfile.mkdtemp())
   obj = trainer.objective
   sh = trainer.frozen_shardings
@@ -88,8 +94,10 @@ def main():
     results[name] = (compile_s, t, float(compiled(state, batch)[1]["loss"]))
   encode_s = _median_time(lambda: encode(vae, images), args.runs)
   size = int(config.data.image_size)
-  print(f"diffusion train step, configs/shapes.py:{args.stage},{args.size}, batch {args.batch}, "
-        f"{size} px images -> latents {obj.ld.latent_shape(size)}; medians of {args.runs} "
+  sets = "".join(f" --set {x}" for x in args.set)
+  print(f"diffusion train step, configs/shapes.py:{args.stage},{args.size}{sets}, batch {args.batch}, "
+        f"{size} px images -> latents {obj.ld.latent_shape(size)}, UNet "
+        f"{obj.ld.unet.num_params:,} params; medians of {args.runs} "
         f"({jax.default_backend()}, {jax.device_count()} device(s))")
   print(f"load average (1/5/15 min) {os.getloadavg()}")
   for name, (c, t, loss) in results.items():

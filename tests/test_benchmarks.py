@@ -59,14 +59,16 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys)
   assert "| 62.5% / 37.5% / 87.5% | - | 812 |" in table[3]  # a row judged without edge widths
 
 
-@pytest.mark.slow  # ~30 s on 2 cores: two tiny train steps compile
+@pytest.mark.slow  # two train steps of conftest.MICRO_UNET compile
 def test_latent_cache_step_compares_the_same_step_both_ways(monkeypatch, capsys):
   bench = _load("latent_cache_step")
+  sets = [a for k, v in MICRO_UNET.items() for a in ("--set", f"{k}={json.dumps(v)}")]
   monkeypatch.setattr("sys.argv", ["latent_cache_step.py", "--stage", "highres", "--size", "tiny",
-                                   "--runs", "1", "--batch", "8"])
+                                   "--runs", "1", "--batch", "8", *sets])
   assert bench.main() == 0
   out = capsys.readouterr().out
   losses = [float(line.rsplit("loss ", 1)[1].rstrip(")")) for line in out.splitlines()
             if "step" in line and "loss " in line]
   assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-5, out  # the same step both ways
   assert "speed-up with the cache:" in out and "ms per image" in out
+  assert "--set unet.channels=[8, 16]" in out and "UNet 34,072 params" in out  # the micro UNet

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, run_module, sigkill_after_checkpoint, tiny_config
+from conftest import MICRO_UNET, REPO, cli_env, run_module, sigkill_after_checkpoint, tiny_config
 from md_jax.train import checkpoint as ckpt_lib
 from md_jax.train import loop
 from md_jax.train import sharding as shd
@@ -111,8 +111,9 @@ def test_a_trained_text_encoder_trains_and_is_what_sampling_and_the_next_stage_r
   EMA copy to sampling as frozen["text"]; a stage initialised from the run continues that copy,
   frozen or trained there."""
   from md_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  # The UNet only has to consume the context: conftest.MICRO_UNET (three step compilations).
   config = tiny_config("lowres", vae_workdir=vae_workdir, eval_at_end=False, num_train_steps=2,
-                       **{"text.frozen": False})
+                       **MICRO_UNET, **{"text.frozen": False})
   workdir = str(tmp_path / "w")
   obj = diffusion.DiffusionObjective(config, shd.make_mesh(config.mesh_shape, config.mesh_axes))
   assert "text" in obj.trainable and "text" in obj.ema_groups()
@@ -131,14 +132,14 @@ def test_a_trained_text_encoder_trains_and_is_what_sampling_and_the_next_stage_r
   # side trains it. Frozen there: this run's trained (EMA) copy, not a fresh seeded encoder.
   high = str(tmp_path / "high")
   loop.train_and_evaluate(tiny_config("highres", vae_workdir=vae_workdir, eval_at_end=False,
-                                      num_train_steps=1, init_from=workdir), high)
+                                      num_train_steps=1, init_from=workdir, **MICRO_UNET), high)
   _, _, _, _, high_frozen, _ = diffusion.load_for_sampling(high)
   assert _leaves_equal(high_frozen["text"], frozen["text"])
   # Trained again after that frozen stage (its own seed differs; lr 0 keeps the start): it starts
   # from the frozen stage's encoder, not from its seed.
   again = str(tmp_path / "again")
   loop.train_and_evaluate(tiny_config("highres", vae_workdir=vae_workdir, eval_at_end=False,
-                                      num_train_steps=1, init_from=high,
+                                      num_train_steps=1, init_from=high, **MICRO_UNET,
                                       **{"text.frozen": False, "text.seed": 7,
                                          "optim.learning_rate": 0.0}), again)
   start, _ = ckpt_lib.restore_subset(again, {"params": {"text": ld.text.abstract_params}})
