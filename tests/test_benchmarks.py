@@ -41,7 +41,11 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys)
        "unknown cell 'diffusion,fast'"),
       (["--base", str(tmp_path / "none"), "--out", str(tmp_path / "o")], "no such run directory"),
       (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--use_run",
-        f"diffusion,full={tmp_path}"], "no finished run there")):
+        f"diffusion,full={tmp_path}"], "no finished run there"),
+      (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "0,x"],
+       "expected ','-separated integers"),
+      (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "1,1"],
+       "expected distinct integers")):
     with pytest.raises(SystemExit):
       bench.main(argv)
     assert message in capsys.readouterr().err
@@ -57,6 +61,14 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys)
   assert table[2] == ("| (c) diffusion,full | 50.0% [40.0, 60.0] | 25.0% | 75.0% | 12.5% | 6.2% | "
                       "50.0% / 25.0% | 62.5% / 37.5% / 87.5% | 0.73 [0.70, 0.78] (250) | 812 | 0.123 |")
   assert "| 62.5% / 37.5% / 87.5% | - | 812 |" in table[3]  # a row judged without edge widths
+  # Across seeds: mean +- sample sd of each finetuned row's edge width, lenient colour, fd.
+  other = {**row, "fd_shapes": 912.4, "lenient": {**row["lenient"], "colour": 0.5},
+           "judge": {**row["judge"], "edge_width_median": 0.9349}}
+  seeds = bench.format_seed_table([("(c) diffusion,full", [row, other]), ("old", [old, row])])
+  lines = seeds.splitlines()
+  assert lines[2] == ("| (c) diffusion,full | 2 | 0.83 +- 0.14 (0.73, 0.93) | 56.2 +- 8.8 "
+                      "(62.5, 50.0) | 862 +- 71 (812, 912) |")
+  assert lines[3].startswith("| old | 2 | - | 62.5 +- 0.0")
 
 
 @pytest.mark.slow  # two train steps of conftest.MICRO_UNET compile
