@@ -187,6 +187,8 @@ def main(argv=None):
     parser.error(f"--seeds={args.seeds!r}: expected ','-separated integers, e.g. 0,1,2")
   if not seeds or len(set(seeds)) != len(seeds):
     parser.error(f"--seeds={args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+  if any(kv.split("=", 1)[0] == "seed" for kv in args.set):
+    parser.error("--set seed=...: give training seeds with --seeds (they name the run directories)")
   cells = [c for c in args.cells.split(";") if c]
   if not args.no_control and NO_ADV not in cells:
     cells.append(NO_ADV)

@@ -45,7 +45,9 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys)
       (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "0,x"],
        "expected ','-separated integers"),
       (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "1,1"],
-       "expected distinct integers")):
+       "expected distinct integers"),
+      (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "seed=3"],
+       "give training seeds with --seeds")):
     with pytest.raises(SystemExit):
       bench.main(argv)
     assert message in capsys.readouterr().err
