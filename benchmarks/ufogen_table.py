@@ -69,7 +69,7 @@ def finetune(cell: str, args, seed: int = 0) -> str:
     cmd.append(f"--config.global_batch_size={args.batch}")
   cmd += [f"--config.{kv}" for kv in args.set]
   os.makedirs(args.out, exist_ok=True)
-  log_path = os.path.join(args.out, f"{cell.replace(',', '_')}.log")
+  log_path = workdir + ".log"  # DIR/<cell>[_s<seed>].log
   print(f"[ufogen_table] finetune {cell}: {' '.join(cmd[3:])} (log {log_path})", flush=True)
   with open(log_path, "w") as log:
     subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)

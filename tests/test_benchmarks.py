@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -34,7 +35,7 @@ def test_train_step_memory_runs_a_real_step_with_nothing_on_disk():
                    mesh="(-1, 1, 1)", steps=1, overrides=["unet.no_such_key=1"])
 
 
-def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys):
+def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys, monkeypatch):
   bench = _load("ufogen_table")
   for argv, message in (
       (["--base", str(tmp_path), "--out", str(tmp_path / "o"), "--cells", "diffusion,fast"],
@@ -51,6 +52,20 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys)
     with pytest.raises(SystemExit):
       bench.main(argv)
     assert message in capsys.readouterr().err
+  # Each training seed finetunes in its own directory, with its own log and config.seed.
+  calls = []
+  monkeypatch.setattr(bench.subprocess, "run", lambda cmd, stdout=None, **kw: calls.append(
+      (cmd, stdout.name)))
+  args = argparse.Namespace(out=str(tmp_path / "o"), size="full", base=str(tmp_path), steps=300,
+                            batch=8, set=["ufogen.disc.steps=2"])
+  for seed in (0, 2):
+    bench.finetune("no_adversary", args, seed)
+  (cmd0, log0), (cmd2, log2) = calls
+  assert f"--workdir={tmp_path / 'o' / 'no_adversary'}" in cmd0 and log0.endswith("no_adversary.log")
+  assert not any(a.startswith("--config.seed") for a in cmd0)
+  assert f"--workdir={tmp_path / 'o' / 'no_adversary_s2'}" in cmd2
+  assert log2.endswith("no_adversary_s2.log") and "--config.seed=2" in cmd2
+  assert {"--config.ufogen.adv_weight=0.0", "--config.ufogen.disc.steps=2"} <= set(cmd2)
   row = dict(name="(c) diffusion,full", seen_colour=0.5, held_out_colour=0.25, fd_shapes=812.4,
              kid_shapes=0.1234,
              judge=dict(colour=0.5, colour_ci=[0.4, 0.6], shape=0.25, position=0.75, all=0.125,
