@@ -27,9 +27,10 @@ DIR/table.json.
 
 ``--seeds``: each finetune once per training seed (``config.seed``: its timesteps, noise and
 posterior draws; the data order and the evaluation stay fixed), under DIR/<cell>_s<seed> (seed 0
-under DIR/<cell>). Short shapes finetunes differ more between seeds than between many settings
-(300 steps, batch 8: edge width 1.04 and 1.18 for one setting's seeds 0 and 1), so a second table
-gives each finetuned row's mean and standard deviation over the seeds.
+under DIR/<cell>). Short shapes finetunes differ between seeds as much as between the settings
+one tries (300 steps, batch 8: the default cell's edge width 1.07, 1.25 and 1.18 and fd_shapes
+1461, 922 and 1777 on seeds 0-2), so a second table gives each finetuned row's mean and standard
+deviation over the seeds.
 """
 
 from __future__ import annotations
