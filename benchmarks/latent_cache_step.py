@@ -95,7 +95,8 @@ def main():
   encode_s = _median_time(lambda: encode(vae, images), args.runs)
   size = int(config.data.image_size)
   sets = "".join(f" --set {x}" for x in args.set)
-  print(f"diffusion train step, configs/shapes.py:{args.stage},{args.size}{sets}, batch {args.batch}, "
+  print(f"diffusion train step, configs/shapes.py:{args.stage},{args.size}{sets}, "
+        f"batch {args.batch}, "
         f"{size} px images -> latents {obj.ld.latent_shape(size)}, UNet "
         f"{obj.ld.unet.num_params:,} params; medians of {args.runs} "
         f"({jax.default_backend()}, {jax.device_count()} device(s))")

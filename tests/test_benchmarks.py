@@ -61,7 +61,8 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys,
   for seed in (0, 2):
     bench.finetune("no_adversary", args, seed)
   (cmd0, log0), (cmd2, log2) = calls
-  assert f"--workdir={tmp_path / 'o' / 'no_adversary'}" in cmd0 and log0.endswith("no_adversary.log")
+  assert f"--workdir={tmp_path / 'o' / 'no_adversary'}" in cmd0
+  assert log0.endswith("no_adversary.log")
   assert not any(a.startswith("--config.seed") for a in cmd0)
   assert f"--workdir={tmp_path / 'o' / 'no_adversary_s2'}" in cmd2
   assert log2.endswith("no_adversary_s2.log") and "--config.seed=2" in cmd2

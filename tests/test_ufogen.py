@@ -374,8 +374,9 @@ def test_extra_discriminator_updates_come_first_on_their_own_draws(ema_trained):
   assert hist[0]["d/loss"] == pytest.approx(float(loss0), rel=1e-4)
   assert hist[0]["d/loss"] != pytest.approx(float(unmoved), rel=1e-4)
   assert hist[0]["d/real_logit"] == pytest.approx(float(m0["real_logit"]), rel=1e-3, abs=1e-6)
-  d1 = obj._draws(params0, tr["before"]["frozen"], tr["batch"], step, 1)  # pylint: disable=protected-access
-  d0 = obj._draws(params0, tr["before"]["frozen"], tr["batch"], step)  # pylint: disable=protected-access
+  draws = obj._draws  # pylint: disable=protected-access
+  d1 = draws(params0, tr["before"]["frozen"], tr["batch"], step, 1)
+  d0 = draws(params0, tr["before"]["frozen"], tr["batch"], step)
   assert not np.array_equal(np.asarray(d1["x_t"]), np.asarray(d0["x_t"]))
 
 
