@@ -218,10 +218,9 @@ class UFOGenObjective(diff_obj.DiffusionObjective):
     # disc.steps = k: D phases d1 .. d{k-1} on draws 1 .. k-1, then 'd' on draw 0, the draws G's
     # phase shares (k = 1 is the single D update of the paper's step).
     k = int(self.u.disc.steps)
-    extra = [loop.Phase(f"d{j}", ("disc",), functools.partial(self.d_loss, draw=j),
-                        every=int(self.u.disc.every)) for j in range(1, k)]
-    return extra + [loop.Phase("d", ("disc",), self.d_loss, every=int(self.u.disc.every)),
-            loop.Phase("g", (self.g_group,), self.loss, with_ema=self.u.recon == "ema")]
+    d = [loop.Phase(f"d{j}" if j else "d", ("disc",), functools.partial(self.d_loss, draw=j),
+                    every=int(self.u.disc.every)) for j in [*range(1, k), 0]]
+    return d + [loop.Phase("g", (self.g_group,), self.loss, with_ema=self.u.recon == "ema")]
 
   def ema_groups(self):
     return (self.g_group,)
