@@ -12,7 +12,10 @@ the feature space of the shipped shapes attribute network; a caption-conditional
 have the right colour and still be far from real images there) and the judge's sharpness measure
 (median edge width in px at 64 px over the samples with one coloured object, the judge's own
 blur test: above 0.65 it rejects the sample as blurred; real renders measure 0.12 at 64 px and
-0.06 at 128 px):
+0.06 at 128 px), and two classifier two-sample tests against the same real images
+(md_jax/evaluators/two_sample.py; held-out accuracy of a linear classifier telling the row's
+samples from real renders, 50% = indistinguishable): on each image's radial power spectrum
+(blur, artefacts) and on the shapes features (what is drawn):
 
   (a) base, one step   the pretrained model's x0 prediction from pure noise, before finetuning
                        (no guidance, as the generator samples)
@@ -98,9 +101,13 @@ def evaluate_row(name: str, workdir: str, sampler: str, args) -> dict:
                                       "edge_width_median_ci", "edge_width_n")},
              seen_colour=j["seen"]["colour"], held_out_colour=j["held_out"]["colour"],
              grid=res["grid"])
-  for k in ("fd_shapes", "kid_shapes", "fd_vae"):
+  for k in ("fd_shapes", "kid_shapes", "fd_vae", "c2st_spectrum", "c2st_spectrum_auc",
+            "c2st_shapes", "c2st_shapes_auc"):
     if k in res:
       row[k] = float(res[k])
+  for k in ("c2st_spectrum_ci", "c2st_shapes_ci"):
+    if k in res:
+      row[k] = [float(x) for x in res[k]]
   # Diagnostic: the same images with the judge's sharpness and template-fit checks off.
   from md_jax.data import shapes  # pylint: disable=g-import-not-at-top
   from md_jax.evaluators import shapes_judge  # pylint: disable=g-import-not-at-top
@@ -120,8 +127,8 @@ def _pct(x, ci=None) -> str:
 def format_table(rows) -> str:
   lines = ["| row | colour [95% CI] | shape | position | all | rejected | seen / held-out colour "
            "| no sharpness check: colour / shape / position | edge width [95% CI] (n) | fd_shapes "
-           "| kid_shapes |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| kid_shapes | C2ST spectrum [95% CI] | C2ST shapes [95% CI] |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     j, le = r["judge"], r["lenient"]
     # Rows judged before the judge reported edge widths print '-'.
@@ -129,12 +136,16 @@ def format_table(rows) -> str:
     if "edge_width_n" in j:
       lo, hi = j["edge_width_median_ci"]
       edge = f"{j['edge_width_median']:.2f} [{lo:.2f}, {hi:.2f}] ({j['edge_width_n']})"
+    # Rows evaluated before the two-sample tests print '-'.
+    spec = (_pct(r["c2st_spectrum"], r["c2st_spectrum_ci"]) if "c2st_spectrum" in r else "-")
+    c2_shapes = _pct(r["c2st_shapes"], r.get("c2st_shapes_ci")) if "c2st_shapes" in r else "-"
     lines.append(
         f"| {r['name']} | {_pct(j['colour'], j['colour_ci'])} | {_pct(j['shape'])} | "
         f"{_pct(j['position'])} | {_pct(j['all'])} | {_pct(j['rejected'])} | "
         f"{_pct(r['seen_colour'])} / {_pct(r['held_out_colour'])} | "
         f"{_pct(le['colour'])} / {_pct(le['shape'])} / {_pct(le['position'])} | {edge} | "
-        f"{r.get('fd_shapes', float('nan')):.0f} | {r.get('kid_shapes', float('nan')):.3f} |")
+        f"{r.get('fd_shapes', float('nan')):.0f} | {r.get('kid_shapes', float('nan')):.3f} | "
+        f"{spec} | {c2_shapes} |")
   return "\n".join(lines)
 
 
@@ -146,14 +157,17 @@ def _mean_sd(xs):
 
 def format_seed_table(groups) -> str:
   """``groups``: [(label, [row per seed])] -> mean +- sd over the seeds (and each seed's value)
-  of the measures that rank short finetunes: edge width, lenient colour, fd_shapes."""
+  of the measures that rank short finetunes: edge width, lenient colour, fd_shapes and the
+  shapes-feature two-sample test's accuracy (in %)."""
   lines = ["| row | seeds | edge width: mean +- sd (per seed) | colour, no sharpness check "
-           "| fd_shapes |", "|---|---|---|---|---|"]
+           "| fd_shapes | C2ST shapes |", "|---|---|---|---|---|---|"]
   for label, rows in groups:
     cols = []
     for get, fmt in ((lambda r: r["judge"].get("edge_width_median"), "{:.2f}"),
                      (lambda r: 100 * r["lenient"]["colour"], "{:.1f}"),
-                     (lambda r: r.get("fd_shapes"), "{:.0f}")):
+                     (lambda r: r.get("fd_shapes"), "{:.0f}"),
+                     (lambda r: 100 * r["c2st_shapes"] if "c2st_shapes" in r else None,
+                      "{:.1f}")):
       xs = [get(r) for r in rows]
       if any(x is None for x in xs):
         cols.append("-")

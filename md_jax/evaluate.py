@@ -15,6 +15,10 @@ noise depends only on (seed, i), so the images do not depend on the device count
     spaces (Inception features mean nothing on these images): ``fd_shapes`` / ``kid_shapes``
     with the shipped shapes feature network (md_jax/evaluators/shapes_features.py, the same for
     every run) and ``fd_vae`` / ``kid_vae`` in the run's own VAE-encoder latent space;
+  * on shapes runs, classifier two-sample tests against the same real images
+    (md_jax/evaluators/two_sample.py): ``c2st_spectrum`` (held-out accuracy of a linear
+    classifier on each image's radial power spectrum: blur and artefacts) and ``c2st_shapes``
+    (on the shapes features), each with ``_ci`` and ``_auc``; 0.5 = indistinguishable;
   * ``fid`` against a statistics file (``--fid_stats``, made by md_jax.tools.fid_stats with the
     same ``--inception`` weights), e.g. FID-30K with the COCO-30K captions as ``--prompts``;
   * ``clip_score``: the raw image-prompt cosine with the CLIP model in ``--clip_dir``;
@@ -138,6 +142,15 @@ def _distances(feats, real_feats, ref_stats, prefix: str) -> dict[str, float]:
                                                          subset_size=min(len(f), 1000))}
 
 
+def _c2st(feats, real_feats, prefix: str) -> dict[str, Any]:
+  from md_jax.evaluators import two_sample  # pylint: disable=g-import-not-at-top
+  if len(feats) < 5:  # too few samples for its five folds: no test
+    return {}
+  r = two_sample.c2st(feats, real_feats)
+  return {f"c2st_{prefix}": r["accuracy"], f"c2st_{prefix}_ci": r["accuracy_ci"],
+          f"c2st_{prefix}_auc": r["auc"]}
+
+
 def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str = "ddim",
              num_steps: int | None = None, cfg_scales: Sequence[float] | None = None,
              num_samples: int | None = None, seed: int | None = None,
@@ -149,6 +162,7 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
   import jax  # pylint: disable=g-import-not-at-top
   from md_jax.evaluators import fid as fid_lib  # pylint: disable=g-import-not-at-top
   from md_jax.evaluators import samples as samples_lib  # pylint: disable=g-import-not-at-top
+  from md_jax.evaluators import two_sample  # pylint: disable=g-import-not-at-top
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   from md_jax.train import loop  # pylint: disable=g-import-not-at-top
 
@@ -205,6 +219,7 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
     for name, fn in extractors.items():
       rf = np.asarray(fn(real), np.float64)
       spaces[name] = (fn, rf, fid_lib.FeatureStats(rf.shape[1]).update(rf).result())
+    real_spectrum = two_sample.radial_log_spectrum(real)
 
   writer = loop._make_writer(out) if main_process else None  # pylint: disable=protected-access
   uses = None
@@ -232,7 +247,12 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
       from md_jax.evaluators import clip_score  # pylint: disable=g-import-not-at-top
       metrics.update(dict(clip_score.run(scorer, images, prompts)))
     for name, (fn, real_feats, real_stats) in spaces.items():
-      metrics.update(_distances(fn(images), real_feats, real_stats, name))
+      feats = fn(images)
+      metrics.update(_distances(feats, real_feats, real_stats, name))
+      if name == "shapes":  # what the images depict, told apart from real renders
+        metrics.update(_c2st(feats, real_feats, name))
+    if shapes_run:  # their spatial-frequency content, told apart from real renders
+      metrics.update(_c2st(two_sample.radial_log_spectrum(images), real_spectrum, "spectrum"))
     if main_process:
       if shapes_run:
         from md_jax.evaluators import shapes_judge  # pylint: disable=g-import-not-at-top

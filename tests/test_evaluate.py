@@ -106,6 +106,9 @@ def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir,
     assert np.isfinite(r["fd_vae"]) and r["fd_vae"] > 0 and np.isfinite(r["kid_vae"])
     assert -1.0 <= r["clip_score"] <= 1.0 and r["clip_score_count"] == 8
     assert r["judge"]["n"] == 8 and 0.0 <= r["judge"]["all"] <= 1.0
+    for k in ("c2st_spectrum", "c2st_shapes"):  # the samples told apart from real renders
+      lo, hi = r[k + "_ci"]
+      assert lo <= r[k] <= hi and 0.0 <= r[k + "_auc"] <= 1.0, k
     assert os.path.isfile(r["grid"])
   imgs = report["images"]
   assert imgs[1.0].shape == (8, 32, 32, 3) and imgs[1.0].dtype == np.uint8
@@ -127,7 +130,7 @@ def test_evaluate_writes_metrics_and_matches_on_eight_devices(run_dir, clip_dir,
   for key, value in uses.items():  # the caption-use gaps do not depend on the device count
     assert abs(summaries[0]["caption_use"][key] - value) <= 1e-4 * max(1.0, abs(value)), key
   for a, b in zip(*(s["results"] for s in summaries)):  # every process computed the metrics
-    for key in ("fd_vae", "kid_vae", "fd_shapes", "clip_score"):
+    for key in ("fd_vae", "kid_vae", "fd_shapes", "clip_score", "c2st_spectrum", "c2st_shapes"):
       assert a[key] == b[key], key
   with open(summaries[0]["json"]) as f:
     other = json.load(f)

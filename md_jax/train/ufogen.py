@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from scipy import stats
 
 from md_jax.diffusion import schedule as sch
+from md_jax.evaluators.two_sample import roc_auc
 from md_jax.models import lora as lora_lib
 from md_jax.models import unet as unet_lib
 from md_jax.train import checkpoint as ckpt_lib
@@ -485,14 +485,6 @@ def latent_high_freq_energy(x: jax.Array) -> jax.Array:
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                       feature_group_count=c)
   return jnp.mean(jnp.square(x[:, 1:-1, 1:-1] - blur), axis=(1, 2, 3))
-
-
-def roc_auc(real: np.ndarray, fake: np.ndarray) -> float:
-  """P(a real score > a fake score), ties counting half (Mann-Whitney): 0.5 = no separation."""
-  real, fake = np.asarray(real, np.float64).ravel(), np.asarray(fake, np.float64).ravel()
-  ranks = stats.rankdata(np.concatenate([real, fake]))
-  n, m = len(real), len(fake)
-  return float((ranks[:n].sum() - n * (n + 1) / 2.0) / (n * m))
 
 
 def _encoder_disc_params(unet: dict, d_abs: dict) -> dict:
