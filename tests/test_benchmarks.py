@@ -79,8 +79,8 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys,
   table = bench.format_table([row, old]).splitlines()
   assert len(table) == 4 and table[1].count("|") == table[0].count("|") == table[2].count("|")
   assert table[2] == ("| (c) diffusion,full | 50.0% [40.0, 60.0] | 25.0% | 75.0% | 12.5% | 6.2% | "
-                      "50.0% / 25.0% | 62.5% / 37.5% / 87.5% | 0.73 [0.70, 0.78] (250) | 812 | 0.123 "
-                      "| 81.2% [77.5, 84.5] | 56.2% |")
+                      "50.0% / 25.0% | 62.5% / 37.5% / 87.5% | 0.73 [0.70, 0.78] (250) | 812 "
+                      "| 0.123 | 81.2% [77.5, 84.5] | 56.2% |")
   # A row judged without edge widths or two-sample tests.
   assert "| 62.5% / 37.5% / 87.5% | - | 812 | 0.123 | - | - |" in table[3]
   # Across seeds: mean +- sample sd of each finetuned row's edge width, lenient colour, fd.

@@ -61,8 +61,9 @@ def _periodic_fft(x: np.ndarray) -> np.ndarray:
 
 def radial_log_spectrum(images) -> np.ndarray:
   """[N, H, W(, 3)] images -> [N, min(H, W) // 2 - 1]: log10 of the mean power of each image's
-  luminance (its mean and its border jumps removed) in rings of spatial frequency, from the lowest non-zero ring up
-  to half the sampling rate (the DC ring and the corners beyond it left out)."""
+  luminance (its mean and its border jumps removed) in rings of spatial frequency, from the
+  lowest non-zero ring up to half the sampling rate (the DC ring and the corners beyond it left
+  out)."""
   x = np.asarray(images, np.float64)
   if x.ndim == 4:
     x = x @ _LUMA
