@@ -8,4 +8,4 @@ bash launch/setup.sh test
 # so a 2-core machine compiles two test files at once. loadfile keeps each file (and its module
 # fixtures) on one worker. MD_JAX_TEST_WORKERS=0 runs everything in this process.
 WORKERS="${MD_JAX_TEST_WORKERS:-2}"
-exec .venv/bin/python -m pytest -q -ra --durations=15 -n "$WORKERS" --dist loadfile "$@" tests
+exec .venv/bin/python -m pytest -q -ra --durations=30 -n "$WORKERS" --dist loadfile "$@" tests
