@@ -18,7 +18,11 @@ noise depends only on (seed, i), so the images do not depend on the device count
   * on shapes runs, classifier two-sample tests against the same real images
     (md_jax/evaluators/two_sample.py): ``c2st_spectrum`` (held-out accuracy of a linear
     classifier on each image's radial power spectrum: blur and artefacts) and ``c2st_shapes``
-    (on the shapes features), each with ``_ci`` and ``_auc``; 0.5 = indistinguishable;
+    (on the shapes features), each with ``_ci`` and ``_auc``; 0.5 = indistinguishable; and
+    the same two against the real images after the run's VAE round trip (encode, decode:
+    ``c2st_spectrum_recon`` / ``c2st_shapes_recon``), which every sample's decoding also ends
+    with, so the decoder's own signature cancels and what is left is the generator's. The
+    round trip against the real images (the decoder alone) is the report's ``vae_round_trip``;
   * ``fid`` against a statistics file (``--fid_stats``, made by md_jax.tools.fid_stats with the
     same ``--inception`` weights), e.g. FID-30K with the COCO-30K captions as ``--prompts``;
   * ``clip_score``: the raw image-prompt cosine with the CLIP model in ``--clip_dir``;
@@ -101,8 +105,11 @@ def _is_shapes(config) -> bool:
   return not str(config.data.get("source", "") or "")
 
 
-class _VaeFeatures:
-  """Flattened VAE-encoder latent means: the feature space of the shapes-only ``fd_vae``."""
+class _Vae:
+  """The run's VAE on uint8 images, batched over the mesh: ``__call__`` gives the flattened
+  encoder latent means (the feature space of the shapes-only ``fd_vae``), ``reconstruct`` the
+  images decoded from those means (real renders after the round trip every sample's decoding
+  ends with)."""
 
   def __init__(self, ld, mesh, frozen, batch_size: int):
     import jax  # pylint: disable=g-import-not-at-top
@@ -111,9 +118,14 @@ class _VaeFeatures:
     self.batch_size = max(self.div, (batch_size // self.div) * self.div)
     self.sharding = shd.batch_sharding(mesh, 4)
     self.frozen = frozen
-    self._fn = jax.jit(lambda fz, x: ld.vae.bind(fz["vae"]).encode(x)[0].astype("float32"))
+    self._encode = jax.jit(lambda fz, x: ld.vae.bind(fz["vae"]).encode(x)[0].astype("float32"))
 
-  def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
+    def round_trip(fz, x):
+      vae = ld.vae.bind(fz["vae"])
+      return vae.decode(vae.encode(x)[0]).astype("float32")
+    self._round_trip = jax.jit(round_trip)
+
+  def _map(self, fn, images_uint8: np.ndarray) -> list[np.ndarray]:
     import jax  # pylint: disable=g-import-not-at-top
     from md_jax.evaluators import samples  # pylint: disable=g-import-not-at-top
     out = []
@@ -122,9 +134,16 @@ class _VaeFeatures:
       n = len(chunk)
       if n < self.batch_size:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
-      z = samples.gather_to_host(self._fn(self.frozen, jax.device_put(chunk, self.sharding)))
-      out.append(z[:n].reshape(n, -1))
-    return np.concatenate(out, axis=0).astype(np.float64)
+      out.append(samples.gather_to_host(fn(self.frozen, jax.device_put(chunk, self.sharding)))[:n])
+    return out
+
+  def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
+    z = self._map(self._encode, images_uint8)
+    return np.concatenate([b.reshape(len(b), -1) for b in z], axis=0).astype(np.float64)
+
+  def reconstruct(self, images_uint8: np.ndarray) -> np.ndarray:
+    from md_jax.evaluators import samples  # pylint: disable=g-import-not-at-top
+    return samples.to_uint8(np.concatenate(self._map(self._round_trip, images_uint8), axis=0))
 
 
 def _shapes_real(config, n: int, image_size: int) -> np.ndarray:
@@ -213,13 +232,25 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
   if shapes_run:
     from md_jax.evaluators import shapes_features  # pylint: disable=g-import-not-at-top
     real = _shapes_real(config, max(len(prompts), 256), image_size)
-    extractors = {"vae": _VaeFeatures(ld, mesh, frozen, batch_size)}
+    vae = _Vae(ld, mesh, frozen, batch_size)
+    extractors = {"vae": vae}
     if os.path.isfile(shapes_features.DEFAULT_WEIGHTS):
       extractors["shapes"] = fid_lib.FeatureExtractor(shapes_features.load(), batch_size, mesh)
     for name, fn in extractors.items():
       rf = np.asarray(fn(real), np.float64)
       spaces[name] = (fn, rf, fid_lib.FeatureStats(rf.shape[1]).update(rf).result())
     real_spectrum = two_sample.radial_log_spectrum(real)
+    # The same renders after the VAE round trip: every sample ends with the decoder, so samples
+    # told from these are told apart by what the generator made, not by the decoder's own
+    # signature; the round trip against the renders measures that signature (a control).
+    recon = vae.reconstruct(real)
+    recon_refs = {"spectrum": two_sample.radial_log_spectrum(recon)}
+    if "shapes" in spaces:
+      recon_refs["shapes"] = np.asarray(spaces["shapes"][0](recon), np.float64)
+    round_trip = {}
+    for name, ref in recon_refs.items():
+      round_trip.update(_c2st(ref, spaces[name][1] if name != "spectrum" else real_spectrum,
+                              name))
 
   writer = loop._make_writer(out) if main_process else None  # pylint: disable=protected-access
   uses = None
@@ -251,8 +282,11 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
       metrics.update(_distances(feats, real_feats, real_stats, name))
       if name == "shapes":  # what the images depict, told apart from real renders
         metrics.update(_c2st(feats, real_feats, name))
+        metrics.update(_c2st(feats, recon_refs["shapes"], "shapes_recon"))
     if shapes_run:  # their spatial-frequency content, told apart from real renders
-      metrics.update(_c2st(two_sample.radial_log_spectrum(images), real_spectrum, "spectrum"))
+      spectrum = two_sample.radial_log_spectrum(images)
+      metrics.update(_c2st(spectrum, real_spectrum, "spectrum"))
+      metrics.update(_c2st(spectrum, recon_refs["spectrum"], "spectrum_recon"))
     if main_process:
       if shapes_run:
         from md_jax.evaluators import shapes_judge  # pylint: disable=g-import-not-at-top
@@ -275,6 +309,7 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
                 params=getattr(ld, "restored_params", None),
                 devices=jax.device_count(), processes=jax.process_count(),
                 fid_stats=fid_stats, clip_dir=clip_dir, caption_use=uses,
+                vae_round_trip=round_trip if shapes_run else None,
                 results=[{k: v for k, v in r.items() if k != "images"} for r in results])
   if main_process:
     if len(results) > 1:
@@ -340,7 +375,7 @@ def main(argv):
     sys.exit(1)
   report.pop("images", None)
   summary = {k: report.get(k) for k in ("step", "sampler", "num_steps", "num_samples", "json",
-                                        "curve", "caption_use")}
+                                        "curve", "caption_use", "vae_round_trip")}
   summary["results"] = [{k: v for k, v in r.items() if k not in ("judge", "grid")} |
                         ({"judge_all": r["judge"]["all"]} if "judge" in r else {})
                         for r in report["results"]]

@@ -69,20 +69,26 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys,
   assert {"--config.ufogen.adv_weight=0.0", "--config.ufogen.disc.steps=2"} <= set(cmd2)
   row = dict(name="(c) diffusion,full", seen_colour=0.5, held_out_colour=0.25, fd_shapes=812.4,
              kid_shapes=0.1234, c2st_spectrum=0.8125, c2st_spectrum_ci=[0.7754, 0.8445],
-             c2st_shapes=0.5625,
+             c2st_shapes=0.5625, c2st_shapes_recon=0.625, c2st_shapes_recon_ci=[0.5, 0.7],
+             c2st_spectrum_recon=0.75,
+             vae_round_trip=dict(c2st_spectrum=0.99, c2st_spectrum_ci=[0.98, 1.0],
+                                 c2st_shapes=0.5),
              judge=dict(colour=0.5, colour_ci=[0.4, 0.6], shape=0.25, position=0.75, all=0.125,
                         rejected=0.0625, edge_width_median=0.7349,
                         edge_width_median_ci=[0.7012, 0.7788], edge_width_n=250),
              lenient=dict(colour=0.625, shape=0.375, position=0.875, rejected=0.0))
-  old = {**{k: v for k, v in row.items() if not k.startswith("c2st")},
+  old = {**{k: v for k, v in row.items() if not k.startswith(("c2st", "vae_round"))},
          "judge": {k: v for k, v in row["judge"].items() if not k.startswith("edge")}}
-  table = bench.format_table([row, old]).splitlines()
-  assert len(table) == 4 and table[1].count("|") == table[0].count("|") == table[2].count("|")
+  table = bench.format_table([row, old, row]).splitlines()
+  assert len(table) == 7 and table[1].count("|") == table[0].count("|") == table[2].count("|")
   assert table[2] == ("| (c) diffusion,full | 50.0% [40.0, 60.0] | 25.0% | 75.0% | 12.5% | 6.2% | "
                       "50.0% / 25.0% | 62.5% / 37.5% / 87.5% | 0.73 [0.70, 0.78] (250) | 812 "
-                      "| 0.123 | 81.2% [77.5, 84.5] | 56.2% |")
+                      "| 0.123 | 56.2% | 62.5% [50.0, 70.0] | 75.0% |")
   # A row judged without edge widths or two-sample tests.
-  assert "| 62.5% / 37.5% / 87.5% | - | 812 | 0.123 | - | - |" in table[3]
+  assert "| 62.5% / 37.5% / 87.5% | - | 812 | 0.123 | - | - | - |" in table[3]
+  # The decoder-alone control, once for the two rows that share it.
+  assert table[5:] == ["", "VAE round trip against real renders (the decoder alone; from (c) "
+                       "diffusion,full): spectrum 99.0% [98.0, 100.0], shapes 50.0%"]
   # Across seeds: mean +- sample sd of each finetuned row's edge width, lenient colour, fd.
   other = {**row, "fd_shapes": 912.4, "lenient": {**row["lenient"], "colour": 0.5},
            "c2st_shapes": 0.6875,
@@ -90,7 +96,8 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys,
   seeds = bench.format_seed_table([("(c) diffusion,full", [row, other]), ("old", [old, row])])
   lines = seeds.splitlines()
   assert lines[2] == ("| (c) diffusion,full | 2 | 0.83 +- 0.14 (0.73, 0.93) | 56.2 +- 8.8 "
-                      "(62.5, 50.0) | 862 +- 71 (812, 912) | 62.5 +- 8.8 (56.2, 68.8) |")
+                      "(62.5, 50.0) | 862 +- 71 (812, 912) | 62.5 +- 8.8 (56.2, 68.8) "
+                      "| 62.5 +- 0.0 (62.5, 62.5) |")
   assert lines[3].startswith("| old | 2 | - | 62.5 +- 0.0")
 
 
