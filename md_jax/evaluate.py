@@ -244,13 +244,14 @@ def evaluate(workdir: str, *, config=None, step: int | None = None, sampler: str
     # told from these are told apart by what the generator made, not by the decoder's own
     # signature; the round trip against the renders measures that signature (a control).
     recon = vae.reconstruct(real)
+    real_refs = {"spectrum": real_spectrum}
     recon_refs = {"spectrum": two_sample.radial_log_spectrum(recon)}
     if "shapes" in spaces:
+      real_refs["shapes"] = spaces["shapes"][1]
       recon_refs["shapes"] = np.asarray(spaces["shapes"][0](recon), np.float64)
     round_trip = {}
     for name, ref in recon_refs.items():
-      round_trip.update(_c2st(ref, spaces[name][1] if name != "spectrum" else real_spectrum,
-                              name))
+      round_trip.update(_c2st(ref, real_refs[name], name))
 
   writer = loop._make_writer(out) if main_process else None  # pylint: disable=protected-access
   uses = None
