@@ -195,7 +195,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ema_decay = 0.999
   c.checkpoint.every = 250
 
-  # Step counts fit the whole chain in ~20 minutes on a 2-core CPU (see README).
+  # Step counts fit the whole chain in 20-30 minutes on a 2-core CPU (see README).
   if stage in ("vae", "light_decoder"):
     # Light decoder: 400 fits the quickstart's budget. Held-out PSNR / edge width on the
     # quickstart's VAE (full decoder 22.93 dB / 0.88 px): 300 steps 22.98 / 0.81, 400 steps

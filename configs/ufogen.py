@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.grad_accum_steps = 2
     c.sample.batch_size = 64
   elif size == "full":
-    # The quickstart's last training stage (128 px, as its high-res run), sized to its 20-minute
+    # The quickstart's last training stage (128 px, as its high-res run), sized to its 20-30 minute
     # budget (2 cores, cold compilation cache): restoring, compiling the GAN step and judging 256
     # one-step samples take most of it. A token finetune that exercises the chain; for a real one
     # raise --config.num_train_steps / --config.global_batch_size (benchmarks/ufogen_table.py).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded end-to-end run on shapes: VAE -> light decoder -> 64px diffusion -> 128px diffusion
 # -> 50-step DDIM samples judged for colour, shape and position -> UFOGen one-step finetune,
-# judged -> TFLite bundle of the one-step generator. ~20 min on a 2-core CPU after install.
+# judged -> TFLite bundle of the one-step generator. 20-30 min on a 2-core CPU after install.
 # Usage: bash launch/quickstart.sh [WORKDIR] [extra md_jax.quickstart flags, e.g. --size=smoke]
 set -euo pipefail
 cd "$(dirname "$0")/.."
