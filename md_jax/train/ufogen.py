@@ -68,7 +68,11 @@ def default_config() -> ml_collections.ConfigDict:
       # prediction type at t (v: snr + 1, eps: snr, x0: 1); 'none': 1; 'min_snr': min(snr, 5).
       recon_weighting="prediction",
       min_snr_gamma=5.0,
-      adv_weight=1.0,  # 0 turns the adversarial term off (one-step regression only)
+      # 0 turns the adversarial term off (one-step regression only). Larger is not sharper: on
+      # shapes (1200 steps, batch 8, same base and seed) 4.0 left D at chance from step ~250 (its
+      # loss 1.386 = 2 ln 2, grad norm median 0.32 against 1.78 at 1.0) and the one-step samples
+      # as blurred as the no-adversary control (edge width 1.11 px against 0.86 at 1.0).
+      adv_weight=1.0,
       timestep_gap=1,  # D judges x_{t-gap}; the paper's x_{t-1}
       # True: x_{t-1} and x'_{t-1} diffuse x0 and x0' with one shared noise draw. Each term of
       # eq. 1 is still an expectation over a correctly distributed sample, so the objective is
