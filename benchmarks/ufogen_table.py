@@ -27,8 +27,8 @@ shares, cancels (the spectrum test against raw renders saturates on it: table.js
 
 The finetunes run as ``python -m md_jax.main`` under DIR/<cell>; ``--use_run CELL=WORKDIR`` reuses
 a finished one (e.g. ``diffusion,full=QS/ufogen``, the quickstart's own stage). Finished runs and
-evaluations are reused, so a rerun only reprints. Prints a markdown table and writes
-DIR/table.json.
+evaluations (DIR/eval/<row>) are reused when they judged the same run at its latest checkpoint,
+so a rerun only reprints. Prints a markdown table and writes DIR/table.json.
 
 ``--seeds``: each finetune once per training seed (``config.seed``: its timesteps, noise and
 posterior draws; the data order and the evaluation stay fixed), under DIR/<cell>_s<seed> (seed 0
@@ -87,7 +87,16 @@ def evaluate_row(name: str, workdir: str, sampler: str, args) -> dict:
   cached = os.path.join(out, "row.json")
   if os.path.exists(cached):
     with open(cached) as f:
-      return json.load(f)
+      row = json.load(f)
+    # Rows are stored by name: reuse one only if it judged this run at its latest checkpoint
+    # (a row copied from another table, or a run continued to more steps, is judged again).
+    from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    latest = ckpt_lib.latest_step_in(workdir)
+    if row.get("workdir") == os.path.abspath(workdir) and row.get("step") == latest:
+      return row
+    print(f"[ufogen_table] {name}: the stored evaluation is of {row.get('workdir')} step "
+          f"{row.get('step')}, not {os.path.abspath(workdir)} step {latest}; judging again",
+          flush=True)
   from md_jax import evaluate  # pylint: disable=g-import-not-at-top
   print(f"[ufogen_table] evaluate {name}: {workdir} ({sampler})", flush=True)
   # One step runs without guidance (the UFOGen generator is trained for none); DDIM uses the

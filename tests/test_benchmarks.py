@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 
@@ -99,6 +100,34 @@ def test_ufogen_table_validates_its_arguments_and_formats_rows(tmp_path, capsys,
                       "(62.5, 50.0) | 862 +- 71 (812, 912) | 62.5 +- 8.8 (56.2, 68.8) "
                       "| 62.5 +- 0.0 (62.5, 62.5) |")
   assert lines[3].startswith("| old | 2 | - | 62.5 +- 0.0")
+
+
+def test_ufogen_table_reuses_an_evaluation_only_of_the_same_run_and_step(tmp_path, monkeypatch):
+  bench = _load("ufogen_table")
+  from md_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  class Judged(Exception):
+    pass
+
+  def judge(workdir, **kw):
+    raise Judged(workdir)
+
+  monkeypatch.setattr(evaluate, "evaluate", judge)
+  run, other = str(tmp_path / "run"), str(tmp_path / "other")
+  args = argparse.Namespace(out=str(tmp_path / "o"), num_samples=8)
+  stored = os.path.join(args.out, "eval", "(c)_diffusion_full")
+  os.makedirs(stored)
+  with open(os.path.join(stored, "row.json"), "w") as f:
+    json.dump(dict(name="(c) diffusion,full", workdir=run, step=40), f)
+  latest = {run: 40, other: 40}
+  monkeypatch.setattr(ckpt_lib, "latest_step_in", lambda w: latest[w])
+  assert bench.evaluate_row("(c) diffusion,full", run, "onestep", args)["step"] == 40
+  with pytest.raises(Judged, match=f"^{re.escape(other)}$"):  # copied from another table's run
+    bench.evaluate_row("(c) diffusion,full", other, "onestep", args)
+  latest[run] = 80  # the run continued to more steps
+  with pytest.raises(Judged, match=f"^{re.escape(run)}$"):
+    bench.evaluate_row("(c) diffusion,full", run, "onestep", args)
 
 
 @pytest.mark.slow  # two train steps of conftest.MICRO_UNET compile
