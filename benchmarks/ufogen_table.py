@@ -85,27 +85,29 @@ def finetune(cell: str, args, seed: int = 0) -> str:
 def evaluate_row(name: str, workdir: str, sampler: str, args) -> dict:
   out = os.path.join(args.out, "eval", name.replace(",", "_").replace(" ", "_"))
   cached = os.path.join(out, "row.json")
+  # The run's latest checkpoint, resolved once: what a stored row must have judged to be reused,
+  # and what is judged otherwise.
+  from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  here, latest = os.path.abspath(workdir), ckpt_lib.latest_step_in(workdir)
   if os.path.exists(cached):
     with open(cached) as f:
       row = json.load(f)
-    # Rows are stored by name: reuse one only if it judged this run at its latest checkpoint
-    # (a row copied from another table, or a run continued to more steps, is judged again).
-    from md_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    latest = ckpt_lib.latest_step_in(workdir)
-    if row.get("workdir") == os.path.abspath(workdir) and row.get("step") == latest:
+    # Rows are stored by name: a row copied from another table, or a run continued to more
+    # steps, is judged again.
+    if row.get("workdir") == here and row.get("step") == latest:
       return row
     print(f"[ufogen_table] {name}: the stored evaluation is of {row.get('workdir')} step "
-          f"{row.get('step')}, not {os.path.abspath(workdir)} step {latest}; judging again",
-          flush=True)
+          f"{row.get('step')}, not {here} step {latest}; judging again", flush=True)
   from md_jax import evaluate  # pylint: disable=g-import-not-at-top
   print(f"[ufogen_table] evaluate {name}: {workdir} ({sampler})", flush=True)
   # One step runs without guidance (the UFOGen generator is trained for none); DDIM uses the
   # run's configured scale.
-  report = evaluate.evaluate(workdir, sampler=sampler, num_samples=args.num_samples, out=out,
-                             cfg_scales=[1.0] if sampler == "onestep" else None, progress=False)
+  report = evaluate.evaluate(workdir, step=latest, sampler=sampler, num_samples=args.num_samples,
+                             out=out, cfg_scales=[1.0] if sampler == "onestep" else None,
+                             progress=False)
   res = report["results"][0]
   j = res["judge"]
-  row = dict(name=name, workdir=os.path.abspath(workdir), sampler=sampler,
+  row = dict(name=name, workdir=here, sampler=sampler,
              num_steps=report["num_steps"], cfg=res["cfg"], step=report["step"],
              judge={k: j[k] for k in ("n", "colour", "colour_ci", "shape", "shape_ci", "position",
                                       "position_ci", "all", "rejected", "edge_width_median",
