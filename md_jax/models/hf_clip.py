@@ -356,6 +356,52 @@ def load_clip_model(directory: str, *, dtype=jnp.float32, param_dtype=jnp.float3
   return nnx.merge(graphdef, state)
 
 
+# ------------------------------------------------------------------------------------ writing
+def text_tensors(cfg, params: dict, prefix: str = "text_model.") -> dict[str, np.ndarray]:
+  """The HF-named float32 tensors of a `CLIPTextTransformer(cfg)`'s params (the nested dict
+  `nnx.to_pure_dict` gives); the inverse of `load_text_params`."""
+  flat = {}
+  for ours, hf_name, hf_shape, transpose in param_mapping(cfg):
+    node = params
+    for key in ours:
+      node = node[key] if key in node else node[int(key)]
+    value = np.asarray(node, np.float32)
+    value = value.T if transpose is True else value
+    if value.shape != tuple(hf_shape):
+      raise CheckpointError(f"{'.'.join(ours)} has shape {value.shape}, expected {hf_shape}")
+    flat[prefix + hf_name] = np.ascontiguousarray(value)
+  return flat
+
+
+def save_text_encoder(directory: str, cfg, params: dict, *, tokenizer_dir: str | None = None,
+                      extra_tensors: dict[str, np.ndarray] | None = None,
+                      extra_config: dict | None = None) -> str:
+  """Writes `directory` as a Hugging Face CLIP directory that `load_text_params` (and
+  transformers) read: config.json (a CLIPConfig whose `text_config` is `cfg`, plus
+  `extra_config`), model.safetensors (`text_model.*` and `extra_tensors`) and the tokenizer
+  files of `tokenizer_dir`."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  tensors = text_tensors(cfg, params)
+  tensors.update({k: np.ascontiguousarray(np.asarray(v, np.float32))
+                  for k, v in (extra_tensors or {}).items()})
+  save_file(tensors, os.path.join(directory, SINGLE_FILE))
+  text_config = {k: (v.item() if hasattr(v, "item") else v)
+                 for k, v in dict(cfg).items() if k in text_lib.CONFIG_FIELDS}
+  text_config["model_type"] = "clip_text_model"
+  config = dict(model_type="clip", architectures=["CLIPModel"], text_config=text_config,
+                **(extra_config or {}))
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write("\n")
+  if tokenizer_dir:
+    for name in sorted(os.listdir(tokenizer_dir)):
+      if os.path.isfile(os.path.join(tokenizer_dir, name)):
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
+  return directory
+
+
 # ------------------------------------------------------------------------------------ tokenizer
 def load_hf_tokenizer(directory: str):
   """transformers' CLIPTokenizer (the `tokenizers`-backed one) from `directory`, offline."""
@@ -395,6 +441,6 @@ class TextEncoder:
 
 __all__ = ["CheckpointError", "HF_TEXT_DEFAULTS", "SafetensorsReader", "TextEncoder",
            "build_text_encoder", "load_clip_model", "load_hf_text_encoder", "load_hf_tokenizer",
-           "load_text_params",
+           "load_text_params", "save_text_encoder", "text_tensors",
            "param_mapping", "read_text_config", "read_vision_config", "tokenize",
            "vision_param_mapping"]
