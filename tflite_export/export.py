@@ -37,6 +37,10 @@ from tflite_export import check as check_lib
 DEFAULT_PROMPT = "a red circle in the top left corner"
 FORMAT_VERSION = 1
 
+# What a CLIPTokenizer directory holds (transformers' names); the bundle copies these alone.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+
 
 def pipeline_noise(seed: int, shape) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
@@ -106,9 +110,11 @@ def write_bundle(out: str, components: dict, ld, config, *, precisions: Sequence
   from md_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   # The tokenizer the components were built with (the packaged one when the config names none).
   tok_src = (data_pipeline.tokenizer_dir(config.text) or data_pipeline.default_tokenizer_path())
-  tok_files = sorted(f for f in os.listdir(tok_src) if not f.startswith("."))
-  shutil.copytree(tok_src, os.path.join(staging, "tokenizer"),
-                  ignore=shutil.ignore_patterns(".*"))
+  # Only the tokenizer's files: the directory may be a whole CLIP model (config.text.hf_dir).
+  tok_files = sorted(f for f in os.listdir(tok_src) if f in TOKENIZER_FILES)
+  os.makedirs(os.path.join(staging, "tokenizer"))
+  for name in tok_files:
+    shutil.copyfile(os.path.join(tok_src, name), os.path.join(staging, "tokenizer", name))
 
   manifest: dict = dict(
       format_version=FORMAT_VERSION,
