@@ -26,6 +26,20 @@ def with_compute_dtype(config: ml_collections.ConfigDict, dtype: str) -> ml_coll
   return config
 
 
+PACKAGE_PREFIX = "md_jax:"
+
+
+def resolve_asset(path: str) -> str:
+  """``md_jax:NAME`` -> the packaged ``md_jax/assets/NAME`` of this installation; any other
+  path unchanged. Configs name packaged assets this way so that a checkpoint's stored config
+  still finds them on another machine or checkout."""
+  path = str(path or "")
+  if path.startswith(PACKAGE_PREFIX):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                        path[len(PACKAGE_PREFIX):])
+  return path
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "diffusion"  # which objective the shared loop runs: 'vae' | 'diffusion'

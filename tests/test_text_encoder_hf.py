@@ -212,6 +212,38 @@ def test_read_text_config_fills_defaults_like_transformers(tmp_path):
                             if k != "eos_token_id"} | {"eos_token_id": 2}
 
 
+def test_saved_text_encoder_round_trips_and_transformers_reads_it(text_dir, tmp_path):
+  """save_text_encoder writes what load_text_params and transformers' CLIPTextModel read back
+  to the same outputs (the directory train_shapes_clip ships), extra tensors beside it."""
+  ours = hf_clip.load_hf_text_encoder(text_dir)
+  cfg = hf_clip.read_text_config(text_dir)
+  out = str(tmp_path / "saved")
+  hf_clip.save_text_encoder(out, cfg, nnx.to_pure_dict(nnx.state(ours)), tokenizer_dir=text_dir,
+                            extra_tensors={"text_projection.weight": np.ones((8, 32))},
+                            extra_config={"projection_dim": 8})
+  again = hf_clip.load_hf_text_encoder(out)
+  ids = _tokens(out)
+  np.testing.assert_array_equal(_forward(again, ids)[0], _forward(ours, ids)[0])
+  ref = transformers.CLIPTextModel.from_pretrained(out, local_files_only=True).eval()
+  _assert_parity(again, ref, ids)
+
+
+def test_diffusion_trainer_trains_the_hf_text_encoder_from_its_weights(text_dir, vae_workdir,
+                                                                       tmp_path):
+  """config.text.hf_dir with frozen=False: the tower is a trainable group that starts from the
+  directory's weights (params and EMA), not from its seed."""
+  trainer = _diffusion_trainer_with_text(text_dir, vae_workdir, tmp_path, frozen=False)
+  assert "text" in trainer.objective.trainable
+  state = trainer.init_state()
+  want = jax.tree_util.tree_flatten_with_path(hf_clip.load_text_params(text_dir))[0]
+  for group in ("params", "ema_params"):
+    got = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(state[group]["text"]))[0])
+    assert len(got) == len(want)
+    for path, value in want:
+      np.testing.assert_array_equal(np.asarray(got[path]), value)
+  assert "text" not in state["frozen"]
+
+
 # ----------------------------------------------------------------------------- broken checkpoints
 def _rewrite(src: str, dst, *, edit_tensors=None, edit_config=None) -> str:
   from safetensors.numpy import load_file, save_file

@@ -81,14 +81,13 @@ def test_bad_config_value_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("key,value,match", [
     ("text.cache_dir", "CACHE", r"config.text.cache_dir=.* config.text.frozen=False"),
-    ("text.hf_dir", "HF", r"config.text.hf_dir with config.text.frozen=False"),
     ("trainer", "ufogen", r"config.text.frozen=False: UFOGen keeps"),
 ])
 def test_what_cannot_train_the_text_encoder_is_refused_naming_the_key(key, value, match,
                                                                       tmp_path):
   """config.text.frozen=False trains the shapes encoder with the UNet; a text cache (frozen
-  embeddings), a pretrained HF encoder and UFOGen (which reads the pretrained run's encoder)
-  refuse it before any work instead of ignoring it."""
+  embeddings) and UFOGen (which reads the pretrained run's encoder) refuse it before any work
+  instead of ignoring it."""
   from md_jax import config_loading  # pylint: disable=g-import-not-at-top
   config = config_loading.load_config(
       "configs/ufogen.py:tiny" if value == "ufogen" else "configs/shapes.py:lowres,tiny")

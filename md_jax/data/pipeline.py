@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from md_jax import config_base
 from md_jax.data import latent_cache as latent_cache_lib
 from md_jax.data import shapes
 from md_jax.data import text_cache as text_cache_lib
@@ -35,8 +36,8 @@ def default_tokenizer_path() -> str:
 def tokenizer_dir(text_config) -> str | None:
   """config.text's tokenizer: ``tokenizer_dir``, else the CLIP directory ``hf_dir``, else None
   (the packaged shapes tokenizer)."""
-  return (str(text_config.get("tokenizer_dir", "") or "")
-          or str(text_config.get("hf_dir", "") or "") or None)
+  return config_base.resolve_asset(str(text_config.get("tokenizer_dir", "") or "")
+                       or str(text_config.get("hf_dir", "") or "")) or None
 
 
 def load_tokenizer(path: str | None = None):

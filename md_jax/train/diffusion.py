@@ -61,6 +61,7 @@ def load_hf_text_params(config, hf_dir: str) -> dict:
   from it agree); a difference fails naming the key and the file.
   """
   from md_jax.models import hf_clip  # pylint: disable=g-import-not-at-top
+  hf_dir = config_base.resolve_asset(hf_dir)
   hf_cfg = hf_clip.read_text_config(hf_dir)
   for key in _TEXT_SIZE_KEYS:
     want, got = config.text[key], hf_cfg[key]
@@ -350,9 +351,6 @@ class DiffusionObjective(loop.Objective):
       raise ValueError(f"config.text.cache_dir={text_cache_dir(config)!r} holds a frozen "
                        "encoder's embeddings, but config.text.frozen=False trains the encoder: "
                        "clear config.text.cache_dir or set config.text.frozen=True")
-    if self.train_text and str(config.text.get("hf_dir", "") or ""):
-      raise ValueError("config.text.hf_dir with config.text.frozen=False: a pretrained CLIP text "
-                       "encoder stays frozen (paper sec. 3.1); only the seeded encoder trains")
     self.ld = LatentDiffusion(config)
 
   @property
@@ -392,16 +390,16 @@ class DiffusionObjective(loop.Objective):
     if self.train_text:  # the encoder is a trainable group (init_params)
       return frozen
     hf_dir = str(cfg.text.get("hf_dir", "") or "")
-    if hf_dir:
-      text_params = jax.device_put(load_hf_text_params(cfg, hf_dir), shardings["text"])
-      logging.info("text encoder from %s", hf_dir)
-    elif cfg.init_from:
-      # The encoder the initialising run's UNet was trained with (trained there or not): a
-      # fresh seeded one would hand this stage's UNet features it has never seen.
+    if cfg.init_from:
+      # The encoder the initialising run's UNet was trained with (trained there or not, from
+      # hf_dir or not): any other would hand this stage's UNet features it has never seen.
       text_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               self.ld.text.abstract_params, shardings["text"])
       text_params, _, _, where = restore_run_text_encoder(cfg.init_from, text_abs)
       logging.info("text encoder (frozen here) from %s.%s", cfg.init_from, where)
+    elif hf_dir:
+      text_params = jax.device_put(load_hf_text_params(cfg, hf_dir), shardings["text"])
+      logging.info("text encoder from %s", hf_dir)
     else:
       text_params = jax.jit(self.ld.text.init, out_shardings=shardings["text"],
                             compiler_options=state_lib.init_compiler_options())(
@@ -411,7 +409,11 @@ class DiffusionObjective(loop.Objective):
 
   def load_init_from(self, abstract):
     cfg = self.config
+    hf_dir = str(cfg.text.get("hf_dir", "") or "")
     if not cfg.init_from:
+      if self.train_text and hf_dir:  # the pretrained tower is where the trained one starts
+        logging.info("trainable text encoder initialised from %s", hf_dir)
+        return {"params": {"text": load_hf_text_params(cfg, hf_dir)}}
       return None
     # A trainable text encoder starts from the one the initialising run's UNet was trained with:
     # that run's params (and EMA) when it trained it too, else its frozen part.

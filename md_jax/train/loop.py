@@ -107,7 +107,8 @@ class Objective(abc.ABC):
     return {name: spec.init(k) for (name, spec), k in zip(sorted(self.trainable.items()), keys)}
 
   def load_init_from(self, abstract: dict) -> dict | None:
-    """Params (and EMA) from ``config.init_from``, or None to initialise fresh."""
+    """Params (and EMA) from ``config.init_from``, or None to initialise fresh; groups missing
+    from the returned params are initialised fresh."""
     return None
 
   @abc.abstractmethod
@@ -344,7 +345,9 @@ class Trainer:
     ema_groups = self.ema_groups
 
     def make(rng, loaded):
-      params = loaded["params"] if loaded is not None else obj.init_params(rng)
+      # A loaded group replaces its fresh init (XLA drops the unused init); groups it lacks
+      # start fresh.
+      params = {**obj.init_params(rng), **(loaded["params"] if loaded is not None else {})}
       opt_state = {name: tx.init(params[name]) for name, tx in self.txs.items()}
       ema = None
       if ema_groups:
