@@ -79,26 +79,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tfds_data_dir="",
   ))
 
-  # CLIP-architecture causal text transformer over the tiny shapes vocabulary, frozen at its
-  # seeded init by default (the paper freezes a pretrained CLIP); frozen=False trains it with the
-  # UNet from the same init. Measured at 128 px, 600 steps on from the quickstart's step 330, cfg
-  # 2, strict colour / shape / position: trained 58.2 / 15.6 / 62.5%, frozen 40.2 / 10.9 / 19.1%
-  # (a frozen random tower leaves each word's features where its random embedding put them; the
-  # UNet's cross-attention read the colour word and the end-of-text states, hardly the shape or
-  # position words). Within the quickstart's budget it does not pay: the whole chain trained
-  # gave 27.3 / 6.6 / 9.0% (frozen: 26.6 / 6.6 / 11.3%) with diffusion steps ~10% slower, over 20
-  # minutes. For longer shapes runs set --config.text.frozen=false: 3600 more 128-px steps on
-  # top of those 600 (16384 cached records) reach 83.6 / 27.0 / 85.5%, and 7200 reach 81.6 / 32.8 /
-  # 83.2% (lenient 96.1 / 37.5 / 97.7%): colour and position come first, shape last and slowly
-  # (its caption-use gap leaves zero only after ~2000 steps; crosses are drawn first). The
-  # quickstart's autoencoder caps 128-px samples at 93.0 / 84.8 / 94.1% (its reconstructions of
-  # 256 eval records, same judge). A stage with init_from starts
-  # from the encoder that run's UNet was trained with (trained there or not), whatever its own
-  # frozen flag and seed say.
+  # CLIP-architecture causal text transformer over the shapes vocabulary, frozen by default at
+  # the packaged shapes CLIP (hf_dir below): the paper freezes a pretrained CLIP, whose token
+  # features already tell colours, shapes and places apart; a seeded random tower (hf_dir="")
+  # leaves the UNet to find them itself, which it does for colour first and shape last.
+  # frozen=False trains the tower with the UNet from that start. A stage with init_from starts
+  # from the encoder that run's UNet was trained with, whatever its own hf_dir, frozen flag and
+  # seed say. Measurements: docs/results.md.
   c.text = text_encoder.default_config()  # CLIP's field names; the sizes below shrink it
   c.text.update(dict(
-      # "" = the shapes tokenizer packaged with md_jax (md_jax/assets/shapes_tokenizer); a path
-      # here is stored in every checkpoint's config, where another machine may not have it.
+      # "" = hf_dir's tokenizer, or with no hf_dir the packaged md_jax/assets/shapes_tokenizer;
+      # a path here is stored in every checkpoint's config, where another machine may not have it.
       tokenizer_dir="",
       vocab_size=_vocab_size(),
       hidden_size=64,
@@ -114,9 +105,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # encode in the step.
       cache_dir="",
       # A Hugging Face CLIP directory (config.json + safetensors, e.g. a local copy of
-      # openai/clip-vit-large-patch14): the frozen encoder's weights are read from it instead of
-      # the seeded init; the sizes above must match it, and tokenizer_dir should point at it too.
-      hf_dir="",
+      # openai/clip-vit-large-patch14): the encoder's weights are read from it (frozen, or the
+      # start of a trained one) instead of the seeded init; the sizes above must match it.
+      # Default: the packaged shapes CLIP ("md_jax:NAME" = md_jax/assets/NAME of the installed
+      # package), this tower pretrained contrastively on shapes image-caption pairs
+      # (python -m md_jax.tools.train_shapes_clip); "" = the seeded init (config.text.seed).
+      hf_dir="md_jax:shapes_clip",
   ))
 
   c.vae = vae_lib.default_config()
@@ -251,6 +245,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text.intermediate_size = 64
     c.text.num_hidden_layers = 1
     c.text.num_attention_heads = 2
+    c.text.hf_dir = ""  # a seeded tower of the tiny size
     c.vae.channels = (8, 16, 16, 16)
     c.vae.norm_groups = 4
     c.vae.stats_batches = 1

@@ -107,6 +107,13 @@ def test_smoke_chain_trains_samples_and_judges(smoke_run):
     manifest = json.load(f)
   assert manifest["source"]["workdir"] == os.path.join(workdir, "ufogen")
   assert manifest["components"]["decoder"]["metadata"]["decoder_channels"] == [16, 24, 48, 48]
+  # The diffusion stages froze the packaged shapes CLIP's text tower; the bundle ships its
+  # tokenizer, not the rest of that directory.
+  assert _final_config(workdir, "lowres")["text"]["hf_dir"] == "md_jax:shapes_clip"
+  assert sorted(os.listdir(os.path.join(ex["dir"], "tokenizer"))) == sorted(
+      manifest["tokenizer"]["files"])
+  assert "vocab.json" in manifest["tokenizer"]["files"]
+  assert not any(f.endswith(".safetensors") for f in manifest["tokenizer"]["files"])
   assert ex["pipeline"]["fp16"]["psnr_vs_jax_db"] >= 40.0
   assert ex["pipeline"]["int8"]["files"]["unet_onestep"] == "int8"
   for r in ex["pipeline"].values():

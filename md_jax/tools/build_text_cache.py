@@ -50,7 +50,10 @@ def build_for_config(config, directory: str, *, split: str = "train", batch_size
                      "cached from its initial weights would be stale; a text cache serves "
                      "config.text.frozen=True runs only")
   ld = diffusion.LatentDiffusion(config)
-  if text_params is None:
+  hf_dir = str(config.text.get("hf_dir", "") or "")
+  if text_params is None and hf_dir:  # the pretrained tower the run will freeze
+    text_params = diffusion.load_hf_text_params(config, hf_dir)
+  elif text_params is None:
     text_params = jax.jit(ld.text.init)(jax.random.key(int(config.text.seed)))
   encode = jax.jit(lambda p, ids: ld.encode_text({"text": p}, ids))
   max_length = int(config.data.max_length)
@@ -59,6 +62,7 @@ def build_for_config(config, directory: str, *, split: str = "train", batch_size
   encoder = {k: config.text[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size",
                                           "max_position_embeddings", "seed")}
   encoder["eos_token_id"] = ld.eos_token_id
+  encoder["hf_dir"] = hf_dir
   return text_cache_lib.write_text_cache(
       directory, ShapesCaptions(split, int(config.data.num_records), data_seed),
       tokenize=lambda caps: pipeline.tokenize(ld.tokenizer, caps, max_length),
