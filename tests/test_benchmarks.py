@@ -143,3 +143,47 @@ def test_latent_cache_step_compares_the_same_step_both_ways(monkeypatch, capsys)
   assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-5, out  # the same step both ways
   assert "speed-up with the cache:" in out and "ms per image" in out
   assert "--set unet.channels=[8, 16]" in out and "UNet 34,072 params" in out  # the micro UNet
+
+
+def test_text_tower_table_trains_each_row_with_its_tower_and_formats_rows(tmp_path, capsys,
+                                                                         monkeypatch):
+  bench = _load("text_tower_table")
+  qs = tmp_path / "qs"
+  for argv, message in (
+      (["--qs", str(qs), "--out", str(tmp_path / "o")], "no light_decoder/"),
+      (["--qs", str(qs), "--out", str(tmp_path / "o"), "--rows", "a,e"], "unknown row 'e'"),
+      (["--qs", str(qs), "--out", str(tmp_path / "o"), "--budgets", "1000,330"],
+       "increasing positive integers")):
+    with pytest.raises(SystemExit):
+      bench.main(argv)
+    assert message in capsys.readouterr().err
+  # Each row: the 64-px stage from scratch, then the 128-px stage from it to each budget, on the
+  # quickstart's autoencoder and latent caches, with the row's text tower.
+  calls = []
+  monkeypatch.setattr(bench.subprocess, "run", lambda cmd, stdout=None, **kw: calls.append(cmd))
+  args = argparse.Namespace(out=str(tmp_path / "o"), qs=str(qs), set=["seed=1"], reuse_qs={})
+  high = bench.train_to("d", 330, args)
+  assert high == str(tmp_path / "o" / "d" / "highres")
+  (low_cmd, high_cmd) = calls
+  assert "--config=configs/shapes.py:lowres" in low_cmd
+  assert f"--config.vae.cache_dir={qs / 'latents_lowres'}" in low_cmd
+  assert f"--config.init_from={tmp_path / 'o' / 'd' / 'lowres'}" in high_cmd
+  for cmd in calls:
+    assert {"--config.text.hf_dir=md_jax:shapes_clip", "--config.text.frozen=False",
+            f"--config.vae_workdir={qs / 'light_decoder'}", "--config.seed=1",
+            "--config.vae.decoder_channels=(16,24,48,48)"} <= set(cmd), cmd
+  assert "--config.num_train_steps=330" in high_cmd
+  calls.clear()
+  bench.train_to("a", 1000, args)
+  assert {"--config.text.hf_dir=", "--config.text.frozen=True"} <= set(calls[0])
+  row = dict(row="c", name="pretrained, frozen", step=330,
+             judge=dict(colour=0.5, colour_ci=[0.4, 0.6], shape=0.25, shape_ci=[0.2, 0.3],
+                        position=0.75, position_ci=[0.7, 0.8], rejected=0.0625,
+                        edge_width_median=0.7349),
+             seen=dict(colour=0.5, shape=0.25, position=0.75),
+             held_out=dict(colour=0.25, shape=0.125, position=0.5),
+             gaps=dict(colour=0.3612, shape=0.0421, position=0.4))
+  table = bench.format_table([row]).splitlines()
+  assert table[2] == ("| (c) pretrained, frozen | 330 | 50.0 [40, 60] | 25.0 [20, 30] | "
+                      "75.0 [70, 80] | 50 / 25 / 75 | 25 / 12 / 50 | 6.2 | 0.73 | "
+                      "0.361 / 0.042 / 0.400 |")
