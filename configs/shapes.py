@@ -125,17 +125,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       recon_loss="l2",  # paper: L2 (+ KL, perceptual, adversarial: the VAE issue adds those)
       grad_loss_weight=0.0,  # weight of an image-gradient L1 term that keeps edges sharp
       # SD's convention (train/vae.kl_term_weight): ~3e-5 per value on 32x32x3 crops. Stronger
-      # than SD's 1e-6: these latents must be learnable by a diffusion model in 500 steps.
-      # Quickstart, judge without the sharpness check (256 samples), per value: 1e-6 -> 0.4%
-      # colour, 98% rejected (speckled backgrounds); 1e-5 -> 12%, 81%; 3e-5 -> 58%, 19%;
-      # 1e-4 -> clean but reconstructions keep only 62% colour (3e-5: 95%).
+      # than SD's 1e-6: these latents must be learnable by a diffusion model in a few hundred
+      # steps, and weaker KL left speckled samples (docs/results.md, KL weight).
       kl_weight=0.09,
       stats_batches=8,  # batches used for the per-channel latent shift/scale after training
       # Evaluation also judges reconstructions of the same records rendered at these sizes (the
-      # autoencoder is fully convolutional; the judge measures edges in 64-px units). The
-      # quickstart's light decoder at 64 px: strict colour 12.5% / shape 4.7% (the VAE's own
-      # decoder 0% / 0%); the same weights on 128-px renders: 89% / 81%. The decoder's blur in
-      # pixels, not what the latents keep, is what fails 64-px images.
+      # autoencoder is fully convolutional; the judge measures edges in 64-px units): the
+      # decoder's blur in pixels, not what the latents keep, fails 64-px images, so the 128-px
+      # ones are the ceiling of the 128-px diffusion stage (docs/results.md).
       judge_extra_sizes=(128,),
       # Diffusion stages: precomputed posteriors of the training images under the frozen VAE
       # (python -m md_jax.tools.build_latent_cache): the train step then reads them instead of
@@ -172,9 +169,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict(dict(
       num_steps=50,
-      # 2: on the quickstart's 128-px models lower guidance wins (strict colour, DDIM-50, 256
-      # samples): 26.6% at cfg 2 / 19.1% at 4 / 7.8% at 7 (frozen text encoder, 330 steps), 58.2% /
-      # 51.2% at cfg 2 / 4 (trained encoder, 600 steps); fd_shapes also lowest at 2.
+      # 2: lower guidance won on the quickstart's 128-px models, by judge and fd_shapes
+      # (docs/results.md, guidance).
       guidance_scale=2.0,
       guidance_rescale=0.0,
       num_eval_samples=256,
@@ -191,34 +187,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Step counts fit the whole chain in 20-30 minutes on a 2-core CPU (see README).
   if stage in ("vae", "light_decoder"):
-    # Light decoder: 400 fits the quickstart's budget. Held-out PSNR / edge width on the
-    # quickstart's VAE (full decoder 22.93 dB / 0.88 px): 300 steps 22.98 / 0.81, 400 steps
-    # 23.13 / 0.79, 800 steps 23.23 / 0.70 (edges keep sharpening after PSNR levels off).
+    # Light decoder: 400 fits the quickstart's budget (edges keep sharpening after PSNR levels
+    # off; docs/results.md).
     c.num_train_steps = 800 if stage == "vae" else 400
     c.global_batch_size = 16
-    # 1e-3: at 3e-3 the loss spikes every few hundred steps and 800 steps end far from converged
-    # (held-out reconstructions judged 42% right colour vs 97% at 1e-3, edges 1.10 vs 0.80 px).
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 1e-3  # 3e-3 spikes every few hundred steps (docs/results.md)
     c.sample.num_eval_samples = 64
   elif stage == "lowres":
-    # 64 px steps cost ~1/3.4 of 128 px ones (2 cores, batch 32, cached latents: 0.20 vs 0.66 s).
-    # Position is learned here, late and suddenly: continuing this stage from 800 to 2000 steps
-    # takes the 64-px samples (judge without the sharpness check) from position 6% to 51% and
-    # colour 55% to 80%; the quickstart with 800 steps here and 500 at 128 px judged position
-    # 1.6% (strict) against 8.2% with 1300 + 200.
+    # 64-px steps cost ~1/3.4 of 128-px ones, and position is learned here, late and suddenly,
+    # so this stage gets most of the steps (docs/results.md, step split).
     c.num_train_steps = 1300
     c.global_batch_size = 32
   else:
-    # Colour and shape come from 128-px steps: continuing the 1300 + 200 chain to 800 steps here
-    # took strict colour / shape / position from 16.0 / 2.7 / 8.2% to 37.1 / 11.3 / 20.7%.
+    # Colour and shape come from 128-px steps (docs/results.md, step split).
     c.num_train_steps = 330
     c.global_batch_size = 32
   if stage in ("lowres", "highres"):
     # A finite pool of records, so the quickstart encodes each once into a latent cache
-    # (config.vae.cache_dir) and the steps skip the frozen encoder: 1.38x faster steps at 64 px,
-    # 1.47x at 128 px (benchmarks/latent_cache_step.py), paid back after ~1.1 passes. Building
-    # costs ~4 ms (64 px) and ~13 ms (128 px) per record on 2 cores, so the 128-px pool is
-    # smaller (330 steps of 32 pass over its 4096 records ~2.6 times).
+    # (config.vae.cache_dir) and the steps skip the frozen encoder (benchmarks/
+    # latent_cache_step.py); encoding costs ~3x more per record at 128 px, hence the smaller
+    # pool there (docs/results.md, latent cache).
     c.data.num_records = 8192 if stage == "lowres" else 4096
 
   if size == "smoke":

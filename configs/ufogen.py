@@ -61,11 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # frozen or trained it (then it is read from that run's params).
   c.text.frozen = True
   if size not in ("md512", "md256"):
-    # ours: D judges x_{t-500} (t >= 500), not the paper's x_{t-1}. At gap 1 the shapes D
-    # barely learns (AUC 0.55 after 200 D-only steps; 0.5 wherever t-1 >= 500, where the noise
-    # in x_{t-1} hides what G gets wrong); at gap 500 it reaches AUC 0.90 in the same 200, and
-    # G is still trained at t = T-1, where the one-step sampler runs it. The paper-size configs
-    # keep x_{t-1}.
+    # ours: D judges x_{t-500} (t >= 500), not the paper's x_{t-1}: at gap 1 the noise in x_{t-1}
+    # hides what G gets wrong and the shapes D barely learns (docs/results.md); G is still
+    # trained at t = T-1, where the one-step sampler runs it. The paper-size configs keep x_{t-1}.
     c.ufogen.timestep_gap = 500
     # The shapes highres stage trains on a cached pool of records; this short finetune encodes
     # its images in the step (config.vae.cache_dir works here too, with a matching pool).

@@ -68,31 +68,26 @@ def default_config() -> ml_collections.ConfigDict:
       # prediction type at t (v: snr + 1, eps: snr, x0: 1); 'none': 1; 'min_snr': min(snr, 5).
       recon_weighting="prediction",
       min_snr_gamma=5.0,
-      # 0 turns the adversarial term off (one-step regression only). Larger is not sharper: on
-      # shapes (1200 steps, batch 8, same base and seed) 4.0 left D at chance from step ~250 (its
-      # loss 1.386 = 2 ln 2, grad norm median 0.32 against 1.78 at 1.0) and the one-step samples
-      # as blurred as the no-adversary control (edge width 1.11 px against 0.86 at 1.0).
+      # 0 turns the adversarial term off (one-step regression only). Larger is not sharper: at
+      # 4.0 D fell to chance and G blurred like the no-adversary control (docs/results.md).
       adv_weight=1.0,
       timestep_gap=1,  # D judges x_{t-gap}; the paper's x_{t-1}
       # True: x_{t-1} and x'_{t-1} diffuse x0 and x0' with one shared noise draw. Each term of
       # eq. 1 is still an expectation over a correctly distributed sample, so the objective is
       # unchanged; D's gradient (real minus fake) then carries sqrt(alpha_bar)(x0 - x0') instead
-      # of that plus two independent noise draws (common random numbers). On shapes (gap 500,
-      # 200 D steps) D's held-out AUC 0.90 against 0.86 with independent draws.
+      # of that plus two independent noise draws (common random numbers); D learned a little
+      # faster with it on shapes (docs/results.md).
       shared_noise=True,
       # x0, the real data of both terms: 'sample' draws it from the VAE posterior, as the
       # pretraining loss does; 'mean' takes the posterior mean, so D cannot tell real from fake by
       # the posterior's per-location noise (which G's x0' lacks and the decoder mostly ignores).
-      # On shapes (300 steps, batch 8) 'mean' gave no sharper one-step samples (median edge
-      # width 1.06 against 1.07) and a worse fd_shapes (1891 against 1461).
+      # 'mean' was no sharper on shapes and worse by fd_shapes (docs/results.md).
       real_latents="sample",
       disc=ml_collections.ConfigDict(dict(
           learning_rate=1e-4,
           # Momentum: D is a pretrained UNet learning from a few examples per step; without it
           # (b1=0, common for GANs trained from scratch) every weight steps by ~lr along one
-          # small batch's noise. On shapes (batch 8, 200 D steps, gap 500) D stayed undecided
-          # with b1=0 (held-out AUC 0.48-0.51, lr 1e-3) and reached AUC 0.90 with b1=0.9
-          # (lr 1e-4).
+          # small batch's noise, and the shapes D stayed undecided (docs/results.md).
           b1=0.9,
           b2=0.99,
           every=1,  # D updates at steps where step % every == 0
