@@ -81,7 +81,7 @@ def train_to(row: str, budget: int, args) -> str:
     shutil.copytree(os.path.join(args.reuse_qs[row], "highres"), high)
   if (ckpt_lib.latest_step_in(high) if os.path.isdir(high) else None) == budget:
     return high
-  low = os.path.join(base, "lowres")
+  low = os.path.join(args.reuse_qs.get(row) or base, "lowres")
   if row not in args.reuse_qs and not os.path.exists(os.path.join(low, "final.json")):
     run(stage_command("lowres", low, row, args), low + ".log")
   run(stage_command("highres", high, row, args, steps=budget, init_from=low), high + ".log")

@@ -176,6 +176,13 @@ def test_text_tower_table_trains_each_row_with_its_tower_and_formats_rows(tmp_pa
   calls.clear()
   bench.train_to("a", 1000, args)
   assert {"--config.text.hf_dir=", "--config.text.frozen=True"} <= set(calls[0])
+  # A reused quickstart row continues a copy of its 128-px run, initialised from its 64-px one.
+  (qs / "highres" / "checkpoints").mkdir(parents=True)
+  args.reuse_qs = {"c": str(qs)}
+  calls.clear()
+  bench.train_to("c", 1000, args)
+  assert (tmp_path / "o" / "c" / "highres" / "checkpoints").is_dir() and len(calls) == 1
+  assert f"--config.init_from={qs / 'lowres'}" in calls[0]
   row = dict(row="c", name="pretrained, frozen", step=330,
              judge=dict(colour=0.5, colour_ci=[0.4, 0.6], shape=0.25, shape_ci=[0.2, 0.3],
                         position=0.75, position_ci=[0.7, 0.8], rejected=0.0625,
