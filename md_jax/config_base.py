@@ -91,5 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   # `every` steps (0: start and end only) and at the end; also appended to WORKDIR/val.jsonl.
   c.val = ml_collections.ConfigDict(dict(num_batches=0, every=0, seed=0))
   # Test hooks: poison the loss at one step; slow every step down (to interrupt a run mid-way).
-  c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1, step_sleep_s=0.0))
+  # Test hooks: a NaN injected into the loss, a sleep per step, a SIGTERM sent to this process
+  # after the given step (a preemption at a known step).
+  c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1, step_sleep_s=0.0,
+                                           sigterm_at_step=-1))
   return c

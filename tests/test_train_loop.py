@@ -319,6 +319,24 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
   assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == saved + 2
 
 
+def test_sigterm_on_a_scheduled_checkpoint_step_saves_once_and_stops_cleanly(tmp_path):
+  """SIGTERM handled at a step that is also a checkpoint step: that save is the preemption save
+  (saving the step a second time failed with 'Checkpoint for step 4 already exists')."""
+  workdir = str(tmp_path / "w")
+  config = tiny_config("vae", num_train_steps=8, eval_at_end=False)
+  with config.unlocked():
+    config.checkpoint.every = 2
+    config.debug.sigterm_at_step = 4
+  result = loop.train_and_evaluate(config, workdir)
+  assert result["preempted"] and result["step"] == 4
+  assert ckpt_lib.latest_step_in(workdir) == 4
+  assert not os.path.exists(os.path.join(workdir, loop.FINAL_JSON))
+  with config.unlocked():
+    config.debug.sigterm_at_step = -1
+  again = loop.train_and_evaluate(config, workdir)
+  assert again["step"] == 8 and not again["preempted"]
+
+
 def test_held_out_loss_is_logged_and_reproducible_from_the_checkpoint(tmp_path):
   workdir = str(tmp_path / "w")
   config = tiny_config("vae", num_train_steps=4, eval_at_end=False)

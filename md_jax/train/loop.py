@@ -654,11 +654,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_val = validate(state, step)
       if config.eval_every and step % config.eval_every == 0 and step < total:
         eval_results = obj.evaluate(state, step=step, workdir=workdir, writer=writer, final=False)
+      if int(config.debug.get("sigterm_at_step", -1)) == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      saved = False
       if step % config.checkpoint.every == 0 and step < total:
-        checkpointer.save(step, state, data_iter, config_json)
+        saved = bool(checkpointer.save(step, state, data_iter, config_json))
       if preempt.agreed() or checkpointer.manager.reached_preemption(step):
-        logging.warning("preemption: saving step %d and exiting", step)
-        checkpointer.save(step, state, data_iter, config_json, force=True)
+        # A step that is also a scheduled checkpoint is already being saved.
+        logging.warning("preemption: %s step %d and exiting", "saved" if saved else "saving", step)
+        if not saved:
+          checkpointer.save(step, state, data_iter, config_json, force=True)
         checkpointer.wait()
         preempted = True
         break
