@@ -336,6 +336,18 @@ def nest_paths(flat: dict) -> dict:
   return out
 
 
+def flat_paths(tree: dict, prefix: tuple = ()) -> dict:
+  """{"a": {"b": v}} -> {("a", "b"): v}: nested dicts to a flat path dict (`nest_paths`'s
+  inverse); keys become strings."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat_paths(v, prefix + (str(k),)))
+    else:
+      out[prefix + (str(k),)] = v
+  return out
+
+
 def count_params(tree) -> int:
   """Number of scalars in a module or state (works on nnx.eval_shape output)."""
   state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)

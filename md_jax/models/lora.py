@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = v
-  return out
+_flatten = layers.flat_paths
 
 
 def find_targets(abstract_params: dict, targets: Sequence[str], *,

@@ -17,15 +17,20 @@ report. `md_jax.tools.train_shapes_clip` trains both and writes a Hugging Face-s
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
+from md_jax.models import hf_clip
 from md_jax.models import text_encoder as text_lib
-from md_jax.models.layers import EMBED, MLP, Conv2d, Dense, GroupNorm, make_param
+from md_jax.models.layers import (EMBED, MLP, Conv2d, Dense, GroupNorm, KeyStream, flat_paths,
+                                  make_param, nest_paths)
 
 Array = jax.Array
 
@@ -116,11 +121,6 @@ def contrastive_loss(logits_per_text: Array) -> Array:
 
 def load(directory: str) -> ShapesCLIP:
   """Both towers, projections and temperature from a directory `train_shapes_clip` wrote."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from md_jax.models import hf_clip  # pylint: disable=g-import-not-at-top
-  from md_jax.models.layers import KeyStream, nest_paths  # pylint: disable=g-import-not-at-top
   text_cfg = hf_clip.read_text_config(directory)
   with open(os.path.join(directory, hf_clip.CONFIG_FILE)) as f:
     raw = json.load(f)
@@ -134,7 +134,7 @@ def load(directory: str) -> ShapesCLIP:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: ShapesCLIP(text_cfg, cfg,
                                                                   rngs=KeyStream(0))))
   template = nnx.to_pure_dict(state)
-  flat = {("text_model",) + k: v for k, v in layers_flat(
+  flat = {("text_model",) + k: v for k, v in flat_paths(
       hf_clip.load_text_params(directory, text_cfg)).items()}
   reader = hf_clip.SafetensorsReader(directory)
   try:
@@ -150,13 +150,3 @@ def load(directory: str) -> ShapesCLIP:
   nnx.replace_by_pure_dict(state, hf_clip._restore_keys(values, template))  # pylint: disable=protected-access
   return nnx.merge(graphdef, state)
 
-
-def layers_flat(tree: dict, prefix: tuple = ()) -> dict:
-  """{"a": {"b": v}} -> {("a", "b"): v} (the inverse of `layers.nest_paths`)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(layers_flat(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = v
-  return out

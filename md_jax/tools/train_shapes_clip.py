@@ -209,20 +209,13 @@ def save(directory: str, model, tcfg, vcfg, report: dict, command: str) -> str:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from md_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from md_jax.models import hf_clip  # pylint: disable=g-import-not-at-top
+  from md_jax.models.layers import flat_paths  # pylint: disable=g-import-not-at-top
   state = nnx.to_pure_dict(nnx.state(model))
   extra = {"text_projection.weight": np.asarray(state["text_projection"]["kernel"]).T,
            "visual_projection.weight": np.asarray(state["visual_projection"]["kernel"]).T,
            "logit_scale": np.asarray(state["logit_scale"])}
-  flat = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      if isinstance(v, dict):
-        walk(v, f"{prefix}{k}.")
-      else:
-        flat[f"{prefix}{k}"] = np.asarray(v)
-  walk(state["vision_model"], "md_jax_conv_vision.")
-  extra.update(flat)
+  extra.update({"md_jax_conv_vision." + ".".join(path): np.asarray(v)
+                for path, v in flat_paths(state["vision_model"]).items()})
   hf_clip.save_text_encoder(
       directory, tcfg, state["text_model"], tokenizer_dir=pipeline.default_tokenizer_path(),
       extra_tensors=extra,
