@@ -112,3 +112,27 @@ def test_x0_from_prediction_matches_schedule(ptype):
   got = convert.x0_from_prediction(jnp.asarray(pred), jnp.asarray(x), c["alpha"], c["sigma"],
                                    ptype)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_bundle_with_unreadable_files_fails_them_and_checks_the_rest(tmp_path, capsys):
+  """A .tflite that is not a flatbuffer, or is missing, is a FAIL of that file (no traceback)
+  and the other files are still checked; no bundle at all is one `error:` line and exit 2."""
+  import json  # pylint: disable=g-import-not-at-top
+  good = convert.convert(_component(lambda p, x: {"y": x @ p["w"]}), "fp32")
+  (tmp_path / "good.tflite").write_bytes(good)
+  (tmp_path / "bad.tflite").write_bytes(b"definitely not a flatbuffer")
+  comp = lambda f: dict(role="unet", delegate="gpu", files={"fp32": {"file": f}})
+  manifest = dict(components={"a": comp("bad.tflite"), "b": comp("missing.tflite"),
+                              "c": comp("good.tflite")})
+  (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+  assert check.main([str(tmp_path)]) == 1
+  out = capsys.readouterr().out
+  assert "FAIL bad.tflite" in out and "[readable] not a TFLite flatbuffer" in out
+  assert "FAIL missing.tflite" in out and "[readable] cannot read" in out
+  assert "PASS good.tflite" in out and "1/3 models pass" in out
+  for bundle, message in ((tmp_path / "none", "no such directory"),
+                          (tmp_path / "good.tflite", "not a directory"),
+                          (tmp_path.parent, "manifest.json not found")):
+    assert check.main([str(bundle)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -326,15 +326,24 @@ def check_model(path_or_blob, *, role: str, delegate: str, precision: str, compo
                 decoder=None, tolerances: dict | None = None, max_range_samples: int = 4,
                 file: str = "") -> Report:
   """All checks on one TFLite model (a path or the flatbuffer bytes)."""
-  if isinstance(path_or_blob, (bytes, bytearray)):
-    blob = bytes(path_or_blob)
-  else:
-    with open(path_or_blob, "rb") as f:
-      blob = f.read()
+  if not isinstance(path_or_blob, (bytes, bytearray)):
     file = file or os.path.basename(path_or_blob)
   report = Report(file=file or component, component=component, role=role, delegate=delegate,
                   precision=precision)
-  graph = read_graph(blob)
+  try:
+    if isinstance(path_or_blob, (bytes, bytearray)):
+      blob = bytes(path_or_blob)
+    else:
+      with open(path_or_blob, "rb") as f:
+        blob = f.read()
+    graph = read_graph(blob)
+  except OSError as e:
+    report.add("readable", "error", f"cannot read {path_or_blob}: {e.strerror or e}")
+    return report
+  except Exception as e:  # pylint: disable=broad-except  (the flatbuffer reader's many errors)
+    report.add("readable", "error",
+               f"not a TFLite flatbuffer ({type(e).__name__}: {e}); re-export the bundle")
+    return report
   check_ops(graph, role, report)
   check_ranks(graph, report)
   check_analyzer(blob, delegate, report)
@@ -380,9 +389,33 @@ def _float_decoder(bundle: str, manifest: dict) -> str | None:
   return None
 
 
+class BundleError(ValueError):
+  """A bundle directory that cannot be checked at all (missing, or without a readable
+  manifest)."""
+
+
+def read_manifest(bundle: str) -> dict:
+  if not os.path.isdir(bundle):
+    what = "not a directory" if os.path.exists(bundle) else "no such directory"
+    raise BundleError(f"{bundle}: {what} (pass the bundle directory tflite_export.export wrote)")
+  path = os.path.join(bundle, "manifest.json")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except FileNotFoundError:
+    raise BundleError(f"{path} not found: not a bundle directory (tflite_export.export writes "
+                      "one)") from None
+  except ValueError as e:
+    raise BundleError(f"{path} is not valid JSON ({e}): re-export the bundle") from None
+  if not isinstance(manifest.get("components"), dict):
+    raise BundleError(f"{path} has no 'components': re-export the bundle")
+  return manifest
+
+
 def check_bundle(bundle: str, *, log=print) -> list[Report]:
-  with open(os.path.join(bundle, "manifest.json")) as f:
-    manifest = json.load(f)
+  """Checks every file of every component; an unreadable file is a failed report of its own and
+  the others are still checked. Raises BundleError when there is no bundle to check."""
+  manifest = read_manifest(bundle)
   decoder = _float_decoder(bundle, manifest)
   tolerances = manifest.get("tolerances")
   reports = []
@@ -431,7 +464,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("bundle")
   parser.add_argument("--json", help="write the reports here as JSON")
   args = parser.parse_args(argv)
-  reports = check_bundle(args.bundle)
+  try:
+    reports = check_bundle(args.bundle)
+  except BundleError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.json:
     with open(args.json, "w") as f:
       json.dump([r.to_json() for r in reports], f, indent=1)
