@@ -34,6 +34,10 @@ def main(argv):
   prompts = argv[1:]
   if not prompts:
     raise app.UsageError("give at least one prompt")
+  for flag, value in (("--steps", _STEPS.value), ("--num_per_prompt", _NUM.value)):
+    if value is not None and value < 1:
+      print(f"error: {flag}={value}: must be at least 1", file=sys.stderr)
+      sys.exit(2)
   from md_jax.evaluators import samples as samples_lib  # pylint: disable=g-import-not-at-top
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   try:
@@ -41,7 +45,7 @@ def main(argv):
         _WORKDIR.value, _STEP.value, _EMA.value)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
   num_steps = _STEPS.value
   if num_steps is None:
     num_steps = int(config.sample.num_steps) if config.trainer == "ufogen" else 50

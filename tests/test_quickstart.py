@@ -179,10 +179,20 @@ def test_sample_cli_writes_pngs(smoke_run, tmp_path, stage, flags, steps):
     assert os.path.getsize(f) > 100
 
 
-def test_sample_cli_rejects_a_vae_workdir(vae_workdir):
-  proc = run_module("md_jax.sample", f"--workdir={vae_workdir}", "a red circle", timeout=600)
-  assert proc.returncode == 1
-  assert "diffusion run" in proc.stderr
+@pytest.mark.parametrize("flags,message", [
+    ((), r"is a 'vae' run; sampling needs a diffusion run"),
+    (("--step=99",), r"has no checkpoint at step 99; it has \d+"),
+    (("--steps=0",), r"--steps=0: must be at least 1"),
+    (("--num_per_prompt=0",), r"--num_per_prompt=0: must be at least 1"),
+])
+def test_sample_cli_refuses_bad_input_in_one_line(vae_workdir, flags, message):
+  import re  # pylint: disable=g-import-not-at-top
+  proc = run_module("md_jax.sample", f"--workdir={vae_workdir}", *flags, "a red circle",
+                    timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -189,6 +189,18 @@ def latest_step_in(workdir: str) -> int | None:
     mngr.close()
 
 
+def steps_in(workdir: str) -> list[int]:
+  """The checkpoint steps of a run, oldest first ([] when it has none)."""
+  directory = checkpoint_dir(workdir)
+  if not _isdir(directory):
+    return []
+  mngr = _manager(directory, read_only=True, async_save=False)
+  try:
+    return sorted(int(s) for s in mngr.all_steps())
+  finally:
+    mngr.close()
+
+
 def restore_subset(workdir: str, abstract_subset: dict, step: int | None = None) -> tuple[dict, int]:
   """Restores only the named top-level parts of another run's state (e.g. params, frozen).
 

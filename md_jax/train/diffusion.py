@@ -263,6 +263,11 @@ def load_for_sampling(workdir: str, step: int | None = None, use_ema: bool = Tru
   (its shapes must match the checkpoint's); ``compute_dtype`` replaces the run's (a pod run
   trains in bfloat16; TFLite export builds float32 graphs).
   """
+  if step is not None:
+    steps = ckpt_lib.steps_in(workdir)
+    if int(step) not in steps:
+      raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has "
+                              f"{', '.join(map(str, steps)) or 'none'}")
   step = ckpt_lib.latest_step_in(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}")
