@@ -71,6 +71,18 @@ def test_quickstart_overrides_name_the_key_they_cannot_apply():
       config_loading.apply_overrides(config, ["unet.channels=(8,16)"])
 
 
+@pytest.mark.parametrize("key,value", [("num_train_steps", -3), ("global_batch_size", 0),
+                                       ("checkpoint.every", 0), ("log_every", -1)])
+def test_a_count_below_one_is_refused_before_the_workdir_exists(key, value, tmp_path):
+  config = tiny_config("vae")
+  with config.unlocked():
+    parent, _, leaf = key.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
+  with pytest.raises(ValueError, match=rf"config\.{re.escape(key)}={value}: must be a positive"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 def test_bad_config_value_names_the_key(tmp_path):
   config = tiny_config("vae")
   with config.unlocked():

@@ -529,6 +529,19 @@ def _make_writer(workdir: str):
       os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0, asynchronous=False)
 
 
+_POSITIVE_KEYS = ("num_train_steps", "global_batch_size", "checkpoint.every", "log_every")
+
+
+def check_counts(config) -> None:
+  """Counts the loop reads must be positive integers; a ValueError names the key."""
+  for key in _POSITIVE_KEYS:
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int) or node < 1:
+      raise ValueError(f"config.{key}={node!r}: must be a positive integer")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config.trainer`` in ``workdir`` (resuming if it holds a checkpoint).
 
@@ -537,6 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   from md_jax import logs  # pylint: disable=g-import-not-at-top
   logs.quiet_libraries()
+  check_counts(config)  # before the workdir exists: a refused run leaves nothing behind
   workdir = prepare_workdir(workdir)
   setup_compilation_cache(config.compilation_cache_dir)
   trainer = Trainer(config, workdir)
