@@ -38,6 +38,7 @@ def main(argv):
     if value is not None and value < 1:
       print(f"error: {flag}={value}: must be at least 1", file=sys.stderr)
       sys.exit(2)
+  from md_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from md_jax.evaluators import samples as samples_lib  # pylint: disable=g-import-not-at-top
   from md_jax.train import diffusion as diff  # pylint: disable=g-import-not-at-top
   try:
@@ -46,6 +47,9 @@ def main(argv):
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  for prompt in prompts:
+    for message in pipeline.prompt_warnings(ld.tokenizer, prompt, int(config.data.max_length)):
+      print(f"warning: {message}", file=sys.stderr)
   num_steps = _STEPS.value
   if num_steps is None:
     num_steps = int(config.sample.num_steps) if config.trainer == "ufogen" else 50

@@ -174,3 +174,14 @@ def test_worker_processes_give_the_same_data(tok):
     assert _equal(next(it), expected[2])
   finally:
     it.close()
+
+
+def test_prompt_warnings_say_what_a_too_long_prompt_keeps():
+  tok = pipeline.load_tokenizer(None)
+  assert pipeline.prompt_warnings(tok, "a red circle in the top left corner", 16) == []
+  long = "a red circle in the top left corner on a white background and more " * 40
+  (message,) = pipeline.prompt_warnings(tok, long, 16)
+  assert "more than the text encoder's 16" in message
+  assert "only 'a red circle in the top left corner on a white background and' is used" in message
+  ids = pipeline.tokenize(tok, long, 16)[0]
+  assert tok.decode(ids, skip_special_tokens=True).strip() in message

@@ -168,9 +168,13 @@ def test_sample_cli_writes_pngs(smoke_run, tmp_path, stage, flags, steps):
   out = tmp_path / "samples"
   proc = run_module("md_jax.sample", f"--workdir={os.path.join(workdir, stage)}", *flags,
                     "--num_per_prompt=2", f"--out={out}",
-                    "a red circle in the top left corner", "a blue square at the bottom",
+                    "a red circle in the top left corner", "a blue square at the bottom " * 4,
                     timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  # The second prompt is longer than the text encoder's 16 tokens: the user is told what is used.
+  assert "warning: prompt 'a blue square" in proc.stderr
+  assert "only 'a blue square at the bottom a blue square at the bottom a blue' is used" in (
+      proc.stderr)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["steps"] == steps, result
   pngs = [f for f in result["files"] if f.endswith(".png")]

@@ -88,6 +88,20 @@ def tokenize(tokenizer, captions: str | Sequence[str], max_length: int) -> np.nd
   return np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(captions), max_length)
 
 
+def prompt_warnings(tokenizer, prompt: str, max_length: int) -> list[str]:
+  """What tokenizing ``prompt`` to ``max_length`` ids loses, as messages for a user: the words
+  cut off the end (the message says what is kept). CLIP's byte-level BPE drops no character."""
+  with _TOKENIZER_LOCK:
+    ids = tokenizer(prompt, truncation=False, return_attention_mask=False)["input_ids"]
+  body = ids[1:-1]  # without the start and end tokens
+  kept = tokenizer.decode(body[:max_length - 2], skip_special_tokens=True).strip()
+  out = []
+  if len(body) > max_length - 2:
+    out.append(f"prompt {prompt[:40]!r}... has {len(body) + 2} tokens, more than the text "
+               f"encoder's {max_length}: only {kept!r} is used")
+  return out
+
+
 class _ProcessRows(grain.MapDataset):
   """This process's records of each global batch, in order.
 
