@@ -164,6 +164,17 @@ def test_evaluate_errors_are_named(tmp_path):
   assert evaluate.read_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
 
 
+def test_a_diffusion_run_as_vae_workdir_is_named_as_such(run_dir, tmp_path):
+  """config.vae_workdir pointing at a diffusion run: the error names the key and what that run
+  is, instead of a restore failure."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from md_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = tiny_config("lowres", vae_workdir=run_dir, **MICRO_UNET)
+  with pytest.raises(ValueError, match=r"config.vae_workdir=.* is a 'diffusion' run, not a VAE"):
+    trainer = loop.Trainer(config, str(tmp_path / "w"))
+    trainer.objective.init_frozen(trainer.frozen_shardings)
+
+
 def test_vae_round_trip_decodes_as_the_samples_do(run_dir):
   """The two-sample tests' reference renders go through the VAE as every sample's latents do
   (latent normalisation and back cancel), padding a short last batch changes nothing, and the

@@ -332,7 +332,12 @@ def restore_frozen_vae(cfg, vae_abs, stats_abs):
                      "a trained VAE; pass --config.vae_workdir=WORKDIR_OF_THE_VAE_RUN (or of a "
                      "light-decoder run, to decode with its light decoder)")
   src_config = ckpt_lib.read_config_json(cfg.vae_workdir) or {}
-  if src_config.get("trainer") == vae_obj.LIGHT_TRAINER:
+  trainer = src_config.get("trainer")
+  if trainer not in (None, "vae", vae_obj.LIGHT_TRAINER):
+    raise ValueError(f"config.vae_workdir={cfg.vae_workdir} is a {trainer!r} run, not a VAE or "
+                     "light-decoder run: point --config.vae_workdir at the VAE stage's workdir "
+                     "(the quickstart's QS/light_decoder)")
+  if trainer == vae_obj.LIGHT_TRAINER:
     vae_params, stats, step, which = vae_obj.restore_vae_of_light_run(cfg, src_config, vae_abs,
                                                                        stats_abs)
     what = (f"encoder and light decoder ({which}) of the light-decoder run {cfg.vae_workdir} "
