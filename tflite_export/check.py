@@ -326,12 +326,13 @@ def check_model(path_or_blob, *, role: str, delegate: str, precision: str, compo
                 decoder=None, tolerances: dict | None = None, max_range_samples: int = 4,
                 file: str = "") -> Report:
   """All checks on one TFLite model (a path or the flatbuffer bytes)."""
-  if not isinstance(path_or_blob, (bytes, bytearray)):
+  is_blob = isinstance(path_or_blob, (bytes, bytearray))
+  if not is_blob:
     file = file or os.path.basename(path_or_blob)
   report = Report(file=file or component, component=component, role=role, delegate=delegate,
                   precision=precision)
   try:
-    if isinstance(path_or_blob, (bytes, bytearray)):
+    if is_blob:
       blob = bytes(path_or_blob)
     else:
       with open(path_or_blob, "rb") as f:

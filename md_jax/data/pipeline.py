@@ -36,8 +36,9 @@ def default_tokenizer_path() -> str:
 def tokenizer_dir(text_config) -> str | None:
   """config.text's tokenizer: ``tokenizer_dir``, else the CLIP directory ``hf_dir``, else None
   (the packaged shapes tokenizer)."""
-  return config_base.resolve_asset(str(text_config.get("tokenizer_dir", "") or "")
-                       or str(text_config.get("hf_dir", "") or "")) or None
+  path = (str(text_config.get("tokenizer_dir", "") or "")
+          or str(text_config.get("hf_dir", "") or ""))
+  return config_base.resolve_asset(path) or None
 
 
 def load_tokenizer(path: str | None = None):

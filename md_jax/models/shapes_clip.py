@@ -118,7 +118,6 @@ def contrastive_loss(logits_per_text: Array) -> Array:
   return -0.5 * (jnp.mean(lt) + jnp.mean(li))
 
 
-
 def load(directory: str) -> ShapesCLIP:
   """Both towers, projections and temperature from a directory `train_shapes_clip` wrote."""
   text_cfg = hf_clip.read_text_config(directory)

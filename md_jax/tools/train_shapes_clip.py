@@ -36,12 +36,12 @@ def text_config(config_spec: str = "configs/shapes.py:lowres"):
   from md_jax import config_loading  # pylint: disable=g-import-not-at-top
   from md_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from md_jax.models import text_encoder  # pylint: disable=g-import-not-at-top
-  text = config_loading.load_config(config_spec).text
+  config = config_loading.load_config(config_spec)
   cfg = text_encoder.default_config()
   for key in cfg:
-    cfg[key] = text[key]
+    cfg[key] = config.text[key]
   cfg.eos_token_id = int(pipeline.load_tokenizer(None).eos_token_id)
-  return cfg, int(config_loading.load_config(config_spec).data.max_length)
+  return cfg, int(config.data.max_length)
 
 
 def render_pool(split: str, num: int, size: int, seed: int, max_length: int, progress=True):

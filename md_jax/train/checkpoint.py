@@ -178,17 +178,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def latest_step_in(workdir: str) -> int | None:
-  directory = checkpoint_dir(workdir)
-  if not _isdir(directory):
-    return None
-  mngr = _manager(directory, read_only=True, async_save=False)
-  try:
-    return mngr.latest_step()
-  finally:
-    mngr.close()
-
-
 def steps_in(workdir: str) -> list[int]:
   """The checkpoint steps of a run, oldest first ([] when it has none)."""
   directory = checkpoint_dir(workdir)
@@ -199,6 +188,11 @@ def steps_in(workdir: str) -> list[int]:
     return sorted(int(s) for s in mngr.all_steps())
   finally:
     mngr.close()
+
+
+def latest_step_in(workdir: str) -> int | None:
+  steps = steps_in(workdir)
+  return steps[-1] if steps else None
 
 
 def restore_subset(workdir: str, abstract_subset: dict, step: int | None = None) -> tuple[dict, int]:
